@@ -1,0 +1,33 @@
+"""The builder's exception base; `tasks.py` turns these into exit codes and messages.
+
+Exit codes (also listed by `invoke build-flasher --help` and in docs/builder.md):
+  3  the input image is not in a format the builder reads, or is corrupt or truncated
+  4  the image's partition table or contents are not those of an intel-nuc flasher
+  5  the output directory exists and is not empty (use --force), or an option is invalid
+  6  an external tool is missing or failed
+  7  an edit inside a filesystem could not be verified
+"""
+
+from runtime.errors import MigrateError
+
+
+class BuilderError(MigrateError):
+    """A build that cannot go on; the message says what was found and what to do."""
+
+    exit_code = 1
+
+
+class InputFormatError(BuilderError):
+    exit_code = 3
+
+
+class FlasherLayoutError(BuilderError):
+    exit_code = 4
+
+
+class OptionError(BuilderError):
+    exit_code = 5
+
+
+class VerifyError(BuilderError):
+    exit_code = 7

@@ -1,0 +1,314 @@
+"""The repack pipeline: a flasher image in, a migration bundle out.
+
+expand the input -> read and check its table -> take out flash-boot and flash-rootA ->
+in flash-rootA: compress the resinOS image, put in the stage 2 script, shrink ->
+in flash-boot: the fleet's config.json and network files -> compress each partition
+into the bundle -> manifest.json, resin-migrate.pyz, SHA256SUMS -> rename into place.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime import __version__
+from runtime.manifest import (
+    COMPRESSIONS,
+    FILE_PATTERN,
+    MANIFEST_NAME,
+    RUNTIME_NAME,
+    SCHEMA_VERSION,
+    Boot,
+    DevicePartition,
+    InnerImage,
+    Manifest,
+    Source,
+    dumps,
+)
+
+from .bootcfg import KernelEntry, first_kernel_entry
+from .bundle import RUNTIME_DIR, Staging, build_pyz, check_output_dir, write_sums
+from .compress import SUFFIX, Compressed, compress_file
+from .errors import FlasherLayoutError, OptionError, VerifyError
+from .formats import expand, extract_range
+from .fsedit import Entry, Ext4Image, FatImage, sha256_of
+from .layout import ReferenceLayout, check_labels, read_layout
+from .progress import Progress
+
+STAGE2_SOURCE = RUNTIME_DIR / "resin-init-flasher"
+MIB = 1 << 20
+# Free space left in flash-rootA after shrinking: the flasher runs from it.
+ROOTFS_HEADROOM = 16 * MIB
+PARTITION_ALIGN = 4 * MIB
+NETWORK_FILE_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    image: Path
+    out: Path
+    config: Path | None = None
+    network: Path | None = None
+    compression: str | None = None        # of the inner image; None: zstd if the flasher has it
+    stream_compression: str = "gzip"      # of the partition streams the device decompresses
+    force: bool = False
+    workdir: Path | None = None
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: Manifest
+    files: dict[str, int] = field(default_factory=dict)
+
+
+def build(options: BuildOptions, progress: Progress) -> BuildResult:
+    """Build the bundle into options.out; on any error nothing is left at options.out."""
+    flasher_ref = ReferenceLayout.load("intel-nuc-flasher")
+    resinos_ref = ReferenceLayout.load("resinos-image")
+    roles = flasher_ref.roles
+    _check_compression_option("--compression", options.compression, allow_none=True)
+    _check_compression_option("--stream-compression", options.stream_compression)
+    config = _read_config(options.config)
+    network = _read_network(options.network)
+    check_output_dir(options.out, options.force)
+    workdir = options.workdir or options.out.resolve().parent
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    with Staging(options.out, options.force) as staging, \
+            tempfile.TemporaryDirectory(prefix=".resin-migrate-work-", dir=workdir) as tmp:
+        work = Path(tmp)
+        raw = expand(options.image, work, progress)
+        layout = read_layout(raw.path)
+        check_labels(layout, flasher_ref, str(options.image), "an intel-nuc flasher image")
+
+        images = {}
+        for role in roles["device_partitions"]:
+            if role["carry"]:
+                part = layout.by_label(role["label"])
+                images[role["label"]] = work / f"{role['label']}.img"
+                extract_range(raw.path, part.start * layout.sector_size,
+                              part.size * layout.sector_size, images[role["label"]], progress,
+                              f"reading {role['label']}")
+        if raw.path != options.image:
+            raw.path.unlink()
+
+        rootfs = Ext4Image(images["flash-rootA"], epoch=0, name=f"{options.image}:flash-rootA")
+        rootfs.epoch = _last_write_time(rootfs)
+        rootfs.check()
+        inner, inner_path = _find_inner_image(rootfs, roles)
+        decompressors = _flasher_decompressors(rootfs)
+        compression = options.compression or ("zstd" if "zstd" in decompressors else "gzip")
+        if compression not in decompressors:
+            raise OptionError(f"--compression {compression}: the flasher's root filesystem has "
+                              f"no {compression} binary, so stage 2 could not decompress the "
+                              f"image; use --compression {decompressors[0]}")
+        inner_image, packed = _compress_inner(rootfs, inner, inner_path, compression,
+                                              resinos_ref, work, progress, str(options.image))
+        rootfs_size = _finish_rootfs(rootfs, roles, inner_image, packed, work)
+
+        bootfs = FatImage(images["flash-boot"], rootfs.epoch, name=f"{options.image}:flash-boot")
+        _edit_boot(bootfs, roles, config, network)
+        kernel = _kernel_entry(bootfs, rootfs)
+
+        partitions, streams = [], []
+        for role in roles["device_partitions"]:
+            label = role["label"]
+            if not role["carry"]:
+                partitions.append(DevicePartition(
+                    label=label, fs=role["fs"], size=role["min_size_mib"] * MIB, flags=[],
+                    grows=role.get("grows", False), stream=None))
+                continue
+            stream_name = label + SUFFIX[options.stream_compression]
+            compressed = compress_file(images[label], staging.dir / stream_name,
+                                       options.stream_compression, progress,
+                                       f"compressing {label}")
+            streams.append(compressed.stream())
+            found = layout.by_label(label)
+            size = rootfs_size if label == "flash-rootA" else found.size * layout.sector_size
+            partitions.append(DevicePartition(
+                label=label, fs=found.fs, size=size, flags=list(found.flags),
+                grows=role.get("grows", False), stream=stream_name))
+
+        manifest = Manifest(
+            schema=SCHEMA_VERSION,
+            builder_version=__version__,
+            source=Source(name=_safe_name(options.image.name), format=raw.format.value,
+                          sha256=raw.source_sha256),
+            partitions=partitions,
+            streams=streams,
+            inner_image=inner_image,
+            boot=Boot(kernel_label=kernel.kernel_label, kernel=kernel.kernel,
+                      initrd=kernel.initrd, cmdline=kernel.cmdline),
+            flasher_decompressors=decompressors,
+        )
+        (staging.dir / MANIFEST_NAME).write_bytes(dumps(manifest))
+        build_pyz(staging.dir / RUNTIME_NAME)
+        for path in staging.dir.iterdir():
+            path.chmod(0o755 if path.name == RUNTIME_NAME else 0o644)
+        write_sums(staging.dir).chmod(0o644)
+        files = {path.name: path.stat().st_size for path in sorted(staging.dir.iterdir())}
+        staging.commit()
+    return BuildResult(out=options.out, manifest=manifest, files=files)
+
+
+def _check_compression_option(option: str, value: str | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value not in COMPRESSIONS:
+        raise OptionError(f"{option} {value}: expected one of {', '.join(COMPRESSIONS)}")
+
+
+def _read_config(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+        parsed = json.loads(data)
+    except OSError as exc:
+        raise OptionError(f"--config {path}: cannot read it ({exc.strerror})") from exc
+    except ValueError as exc:
+        raise OptionError(f"--config {path}: not valid JSON ({exc}); give the config.json "
+                          "downloaded for the fleet") from exc
+    if not isinstance(parsed, dict):
+        raise OptionError(f"--config {path}: expected a JSON object, found "
+                          f"{type(parsed).__name__}")
+    return data
+
+
+def _read_network(directory: Path | None) -> dict[str, bytes]:
+    """NetworkManager keyfiles from --network DIR, by name."""
+    if directory is None:
+        return {}
+    if not directory.is_dir():
+        raise OptionError(f"--network {directory}: not a directory; give a directory of "
+                          "NetworkManager keyfiles")
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or not FILE_PATTERN.match(path.name):
+            raise OptionError(f"--network {directory}: {path.name!r} is not a plain file with a "
+                              f"simple name ({FILE_PATTERN.pattern}); rename or remove it")
+        if path.stat().st_size > NETWORK_FILE_LIMIT:
+            raise OptionError(f"--network {directory}: {path.name} is larger than "
+                              f"{NETWORK_FILE_LIMIT} bytes; a keyfile is a few hundred bytes")
+        files[path.name] = path.read_bytes()
+    if not files:
+        raise OptionError(f"--network {directory}: the directory is empty")
+    return files
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-") or "image"
+    return cleaned[:128]
+
+
+def _last_write_time(rootfs: Ext4Image) -> int:
+    """The input filesystem's last write time: the fixed clock of every edit."""
+    stamp = rootfs.superblock().get("Last write time", "")
+    try:
+        return calendar.timegm(time.strptime(stamp, "%a %b %d %H:%M:%S %Y"))
+    except ValueError:
+        return 0
+
+
+def _find_inner_image(rootfs: Ext4Image, roles: dict) -> tuple[Entry, str]:
+    directory = roles["inner_image_dir"]
+    listing = rootfs.list_dir(directory) if rootfs.entry(directory) else []
+    images = [entry for entry in listing if entry.is_file
+              and any(entry.name.endswith(suffix) for suffix in roles["inner_image_suffixes"])]
+    if len(images) != 1:
+        seen = ", ".join(entry.name for entry in listing) or "nothing"
+        wanted = " or ".join(f"{directory}/*{suffix}" for suffix in roles["inner_image_suffixes"])
+        raise FlasherLayoutError(
+            f"{rootfs.name}: expected one resinOS image ({wanted}), found "
+            f"{len(images)}; {directory} holds: {seen}. Use an unmodified flasher image.")
+    return images[0], f"{directory}/{images[0].name}"
+
+
+def _flasher_decompressors(rootfs: Ext4Image) -> list[str]:
+    """The decompressors stage 2 will find in the booted flasher, gzip first."""
+    found = []
+    for tool in ("gzip", "zstd"):
+        if any(rootfs.entry(f"{prefix}/{tool}") for prefix in ("/usr/bin", "/bin")):
+            found.append(tool)
+    if not found:
+        raise FlasherLayoutError(f"{rootfs.name}: neither gzip nor zstd in /bin or /usr/bin; "
+                                 "stage 2 could not decompress the resinOS image")
+    return found
+
+
+def _compress_inner(rootfs: Ext4Image, inner: Entry, inner_path: str, compression: str,
+                    resinos_ref: ReferenceLayout, work: Path, progress: Progress,
+                    image_name: str) -> tuple[InnerImage, Compressed]:
+    """Replace the raw resinOS image in flash-rootA by its compressed form."""
+    raw_copy = work / "inner.img"
+    rootfs.dump(inner_path, raw_copy)
+    inner_layout = read_layout(raw_copy)
+    check_labels(inner_layout, resinos_ref, f"{image_name}:{inner_path}", "a resinOS image")
+    packed = compress_file(raw_copy, work / (inner.name + SUFFIX[compression]), compression,
+                           progress, "compressing the resinOS image")
+    raw_copy.unlink()
+    packed_path = inner_path + SUFFIX[compression]
+    mtime = rootfs.mtime(inner_path)
+    rootfs.remove(inner_path)
+    rootfs.put_file(packed.path, packed_path, inner.mode & 0o7777, inner.uid, inner.gid, mtime)
+    image = InnerImage(path=packed_path, original_path=inner_path, compression=compression,
+                       size=packed.size, sha256=packed.sha256, raw_size=packed.raw_size,
+                       raw_sha256=packed.raw_sha256, layout=inner_layout)
+    return image, packed
+
+
+def _finish_rootfs(rootfs: Ext4Image, roles: dict, inner: InnerImage, packed: Compressed,
+                   work: Path) -> int:
+    """Put stage 2 in place, shrink, and prove both files read back intact; return the size."""
+    stage2_path = roles["stage2_path"]
+    rootfs.put_file(STAGE2_SOURCE, stage2_path, 0o755, 0, 0, rootfs.epoch)
+    for directory in sorted({inner.path.rsplit("/", 1)[0], stage2_path.rsplit("/", 1)[0]}):
+        rootfs.touch_dir(directory, rootfs.epoch)
+    rootfs.check()
+    size = rootfs.shrink(ROOTFS_HEADROOM, PARTITION_ALIGN)
+    rootfs.check()
+    expected = {inner.path: packed.sha256, stage2_path: sha256_of(STAGE2_SOURCE)}
+    for path, digest in expected.items():
+        found = rootfs.file_sha256(path, work)
+        if found != digest:
+            raise VerifyError(f"{rootfs.name}: {path} reads back with sha256 {found}, "
+                              f"expected {digest}")
+    packed.path.unlink()
+    return size
+
+
+def _edit_boot(bootfs: FatImage, roles: dict, config: bytes | None,
+               network: dict[str, bytes]) -> None:
+    if not bootfs.exists(roles["flag_file"]):
+        raise FlasherLayoutError(f"{bootfs.name}: no {roles['flag_file']} flag file; this is "
+                                 "a resinOS image, not a flasher. Use the flasher image.")
+    if config is not None:
+        bootfs.put(config, roles["config_path"])
+    if network:
+        bootfs.mkdir(roles["network_dir"])
+        for name, data in network.items():
+            bootfs.put(data, f"{roles['network_dir']}/{name}")
+    bootfs.check()
+
+
+def _kernel_entry(bootfs: FatImage, rootfs: Ext4Image) -> KernelEntry:
+    """The flasher's kernel per its grub.cfg, checked to exist where GRUB will look."""
+    cfg_path = next((path for path in ("/grub.cfg", "/EFI/BOOT/grub.cfg")
+                     if bootfs.exists(path)), None)
+    if cfg_path is None:
+        raise FlasherLayoutError(f"{bootfs.name}: no grub.cfg (nor EFI/BOOT/grub.cfg); cannot "
+                                 "tell how the flasher boots")
+    text = bootfs.read(cfg_path).decode("utf-8", "replace")
+    entry = first_kernel_entry(text, "flash-boot", f"{bootfs.name}{cfg_path}")
+    present = {"flash-boot": lambda: bootfs.exists(entry.kernel),
+               "flash-rootA": lambda: rootfs.entry(entry.kernel) is not None}
+    if entry.kernel_label not in present or not present[entry.kernel_label]():
+        raise FlasherLayoutError(f"{bootfs.name}{cfg_path}: boots {entry.kernel} from "
+                                 f"{entry.kernel_label}, which the bundle does not hold there")
+    return entry

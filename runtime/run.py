@@ -1,0 +1,84 @@
+"""The one way the runtime (and the builder) runs external commands.
+
+Every command line is logged, runs with a minimal environment, and a failure raises
+CommandError carrying the command, its exit code and its stderr.
+"""
+
+import logging
+import os
+import subprocess
+
+from .errors import CommandError, ToolMissingError
+
+MYPY = False
+if MYPY:  # typing is not imported at run time (Python 3.4 devices)
+    from typing import Optional  # noqa: F401  # novermin
+
+log = logging.getLogger("resin-migrate")
+
+# Tools run with a predictable locale and PATH, whatever the caller's shell had.
+_BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+    "LANG": "C",
+}
+
+
+def quote_command(argv):
+    # type: (list) -> str
+    """The command line as a shell would need it (shlex.join, which 3.4 lacks)."""
+    try:
+        from shlex import quote
+    except ImportError:  # pragma: no cover - shlex is in python3-minimal
+        from pipes import quote
+    return " ".join(quote(str(arg)) for arg in argv)
+
+
+class Result(object):
+    """What a finished command printed."""
+
+    def __init__(self, argv, returncode, stdout, stderr):
+        # type: (list, int, str, str) -> None
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+def run(argv, env=None, input_text=None, check=True, ok_codes=(0,), cwd=None):
+    # type: (list, Optional[dict], Optional[str], bool, tuple, Optional[str]) -> Result
+    """Run argv and return its output as text.
+
+    Raises CommandError unless its exit code is in ok_codes (or check is false).
+    """
+    argv = [str(arg) for arg in argv]
+    full_env = dict(_BASE_ENV)
+    if env:
+        full_env.update(env)
+    log.debug("run: %s", quote_command(argv))
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd)
+    except OSError as exc:
+        if exc.errno == 2:
+            raise ToolMissingError("{} is not installed (needed to run: {})".format(
+                argv[0], quote_command(argv))) from exc
+        raise
+    out, err = proc.communicate(
+        input_text.encode("utf-8") if input_text is not None else None)
+    result = Result(argv, proc.returncode, out.decode("utf-8", "replace"),
+                    err.decode("utf-8", "replace"))
+    if check and proc.returncode not in ok_codes:
+        raise CommandError(argv, proc.returncode, result.stderr or result.stdout)
+    return result
+
+
+def which(name, extra_dirs=()):
+    # type: (str, tuple) -> str
+    """Path of an executable on the minimal PATH (or extra_dirs), or '' when absent."""
+    for directory in list(extra_dirs) + _BASE_ENV["PATH"].split(":"):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return ""

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up a development machine (Debian 12 / Ubuntu 22.04 or later): the system tools the
+# builder and the tests drive, then .venv with the Python dependencies from pyproject.toml.
+# Run as root, or as a user who may sudo. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SYSTEM_PACKAGES=(
+    # partition tables and filesystems, edited rootless
+    parted fdisk util-linux e2fsprogs dosfstools mtools
+    # compressors the builder, the runtime and stage 2 use
+    gzip zstd xz-utils
+    # input detection (python-magic) and the pyparted build
+    file libmagic1 libparted-dev pkg-config gcc python3-dev python3-venv
+    # checks
+    shellcheck
+)
+
+if [ "$(id -u)" -eq 0 ]; then
+    as_root=()
+elif command -v sudo >/dev/null; then
+    as_root=(sudo)
+else
+    echo "setup.sh: installing system packages needs root: run it as root or install sudo" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -qq
+"${as_root[@]}" apt-get install -y -qq --no-install-recommends "${SYSTEM_PACKAGES[@]}" >/dev/null
+
+# The venv uses the distribution's Python, whose headers python3-dev provides.
+PYTHON=${PYTHON:-/usr/bin/python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "setup.sh: ready. Run the tests with: .venv/bin/invoke test"

@@ -1,0 +1,128 @@
+"""invoke tasks: parse, call, print. The work happens in builder/ and runtime/."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from invoke import Exit, task
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+def _run_build(image: Path, out: Path, config: str | None, network: str | None,
+               compression: str | None, stream_compression: str, force: bool, quiet: bool,
+               workdir: str | None) -> None:
+    from builder.progress import Progress
+    from builder.repack import BuildOptions, build
+    from runtime.errors import MigrateError
+
+    options = BuildOptions(
+        image=image, out=out, config=Path(config) if config else None,
+        network=Path(network) if network else None, compression=compression,
+        stream_compression=stream_compression, force=force,
+        workdir=Path(workdir) if workdir else None)
+    started = time.monotonic()
+    try:
+        result = build(options, Progress(quiet=quiet))
+    except MigrateError as exc:
+        raise Exit(f"build-flasher: {exc}", code=exc.exit_code) from exc
+    except KeyboardInterrupt:
+        raise Exit("build-flasher: interrupted; nothing was written to --out", code=130) from None
+    elapsed = time.monotonic() - started
+    manifest = result.manifest
+    inner = manifest.inner_image
+    print(f"bundle written to {result.out} in {elapsed:.1f} s")
+    for name, size in result.files.items():
+        print(f"  {name:<24} {_human(size):>12}")
+    print(f"  total                    {_human(sum(result.files.values())):>12}")
+    print(f"inner image {inner.original_path}: {_human(inner.raw_size)} -> {inner.compression} "
+          f"{_human(inner.size)} ({inner.size / inner.raw_size:.1%})")
+    for part in manifest.partitions:
+        what = f"stream {part.stream}" if part.stream else "created on the device"
+        grows = ", grows into the rest of the swap area" if part.grows else ""
+        print(f"  device partition {part.label:<12} {part.fs:<5} {_human(part.size):>10}  "
+              f"{what}{grows}")
+    print(f"next: copy {result.out} to the device and run "
+          f"'python3 {manifest_runtime_name()} verify' in it")
+
+
+def manifest_runtime_name() -> str:
+    from runtime.manifest import RUNTIME_NAME
+    return RUNTIME_NAME
+
+
+@task(help={
+    "image": "the intel-nuc flasher image: raw, .zip (balena's download), .gz, .zst or .xz; "
+             "the format is read from the content, not the name",
+    "out": "the bundle directory to create (refused if it exists and is not empty)",
+    "config": "the fleet's config.json; replaces the flasher's own on flash-boot",
+    "network": "a directory of NetworkManager keyfiles for flash-boot/system-connections",
+    "compression": "zstd or gzip for the resinOS image inside the flasher (default: zstd "
+                   "when the flasher's root filesystem has a zstd binary, else gzip)",
+    "stream-compression": "gzip (default; the runtime decompresses it with Python's zlib) or "
+                          "zstd (needs a zstd binary on the device)",
+    "force": "replace the contents of a non-empty --out",
+    "quiet": "no progress bars",
+    "workdir": "where to keep the temporary copies (default: beside --out); needs about "
+               "twice the flasher's raw size free",
+})
+def build_flasher(c, image, out, config=None, network=None, compression=None,
+                  stream_compression="gzip", force=False, quiet=False, workdir=None):
+    """Repack an intel-nuc resinOS flasher image into a migration bundle (no root needed).
+
+    The bundle holds manifest.json, one compressed stream per partition the device needs
+    (flash-boot, flash-rootA), resin-migrate.pyz and SHA256SUMS. Exit codes: 0 bundle written;
+    1 a bug; 3 unreadable input; 4 not an intel-nuc flasher; 5 bad option or --out not empty;
+    6 a tool missing or failed; 7 an edit could not be verified.
+    """
+    _run_build(Path(image), Path(out), config, network, compression, stream_compression,
+               force, quiet, workdir)
+
+
+@task(help={"out": "bundle directory (default: dist/demo; replaced if present)",
+            "quiet": "no progress bars"})
+def demo(c, out="dist/demo", quiet=False):
+    """The main job without a real image: build the synthetic flasher the tests use, repack it.
+
+    Prints where the synthetic image is, then what build-flasher made of it, then checks the
+    bundle with the runtime itself (resin-migrate.pyz verify).
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests.synthetic import cached_flasher
+
+    print("demo: no real flasher image given; using the SYNTHETIC intel-nuc flasher that the "
+          "tests build (same table, labels and files as a real one; not a bootable resinOS)")
+    image = cached_flasher()
+    print(f"demo: synthetic flasher: {image}")
+    config = ROOT / "tests" / "data" / "config.json"
+    _run_build(image, Path(out), str(config), None, None, "gzip", True, quiet, None)
+    c.run(f"{sys.executable} {Path(out) / manifest_runtime_name()} verify", pty=False)
+
+
+@task(help={"args": "extra pytest arguments, e.g. '-k formats' or '-m loop'"})
+def test(c, args=""):
+    """Run the test suite (unit tests; loop and VM tests run when the machine allows)."""
+    c.run(f"{sys.executable} -m pytest {args}", pty=False)
+
+
+@task
+def lint(c):
+    """ruff, mypy, vermin (runtime/ stays on Python 3.4) and shellcheck (stage 2)."""
+    os.chdir(ROOT)
+    c.run(f"{sys.executable} -m ruff check .")
+    c.run(f"{sys.executable} -m mypy")
+    c.run(f"{Path(sys.executable).parent / 'vermin'} --target=3.4- --violations --no-tips --eval-annotations "
+          "runtime")
+    c.run("shellcheck runtime/resin-init-flasher")

@@ -1,0 +1,204 @@
+"""invoke build-flasher on the synthetic flasher: the bundle, read back with independent tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.progress import Progress
+from builder.repack import BuildOptions, BuildResult, build
+from runtime.manifest import load
+from tests.synthetic import INNER_NAME, FlasherSpec, build_resinos_image, cached_flasher
+from tests.tools import (
+    blkid,
+    debugfs_cat,
+    debugfs_stat,
+    decompress,
+    e2fsck_clean,
+    fat_files,
+    fat_read,
+    sfdisk_json,
+    sh,
+    sha256,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "tests" / "data" / "config.json"
+STAGE2 = ROOT / "runtime" / "resin-init-flasher"
+QUIET = Progress(quiet=True)
+KEYFILE = b"""[connection]
+id=office-wifi
+type=wifi
+
+[wifi]
+ssid=office
+
+[wifi-security]
+key-mgmt=wpa-psk
+psk=not-a-real-secret
+"""
+
+
+@pytest.fixture(scope="module")
+def network_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("network")
+    (directory / "office-wifi").write_bytes(KEYFILE)
+    (directory / "wired-static.nmconnection").write_bytes(b"[connection]\nid=wired\n")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, network_dir: Path) -> BuildResult:
+    out = tmp_path_factory.mktemp("dist") / "nuc"
+    return build(BuildOptions(image=cached_flasher(), out=out, config=CONFIG,
+                              network=network_dir), QUIET)
+
+
+@pytest.fixture(scope="module")
+def streams(built: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each partition stream of the bundle, decompressed with the gzip/zstd tools."""
+    work = tmp_path_factory.mktemp("streams")
+    return {part.label: decompress(built.out / part.stream, work / f"{part.label}.img")
+            for part in built.manifest.partitions if part.stream}
+
+
+def test_bundle_holds_the_files_and_sha256sum_accepts_them(built: BuildResult) -> None:
+    names = sorted(path.name for path in built.out.iterdir())
+    assert names == ["SHA256SUMS", "flash-boot.gz", "flash-rootA.gz", "manifest.json",
+                     "resin-migrate.pyz"]
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=built.out,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count(": OK") == 4
+    # nothing else was left beside the bundle (staging and work directories removed)
+    assert sorted(path.name for path in built.out.parent.iterdir()) == ["nuc"]
+
+
+def test_manifest_describes_the_device_partitions(built: BuildResult) -> None:
+    manifest = load(str(built.out))
+    assert manifest == built.manifest
+    assert [(p.label, p.fs, p.grows, p.stream) for p in manifest.partitions] == [
+        ("flash-boot", "vfat", False, "flash-boot.gz"),
+        ("flash-rootA", "ext4", False, "flash-rootA.gz"),
+        ("flash-data", "ext4", True, None)]
+    assert manifest.partition("flash-boot").flags == ["boot", "lba"]
+    flasher = sfdisk_json(cached_flasher())["partitions"]
+    assert manifest.partition("flash-boot").size == flasher[0]["size"] * 512
+    for stream in manifest.streams:
+        assert stream.compression == "gzip"
+        assert (built.out / stream.file).stat().st_size == stream.size
+    assert manifest.boot.kernel_label == "flash-boot"
+    assert manifest.boot.kernel == "/vmlinuz"
+    assert "root=LABEL=flash-rootA" in manifest.boot.cmdline.split()
+    assert manifest.source.format == "raw"
+    assert manifest.source.sha256 == sha256(cached_flasher())
+    assert manifest.flasher_decompressors == ["gzip", "zstd"]
+
+
+def test_streams_expand_to_the_sizes_and_hashes_in_the_manifest(built, streams) -> None:
+    for part in built.manifest.partitions:
+        if not part.stream:
+            continue
+        stream = built.manifest.stream(part.stream)
+        raw = streams[part.label]
+        assert raw.stat().st_size == stream.raw_size == part.size
+        assert sha256(raw) == stream.raw_sha256
+
+
+def test_flash_boot_carries_the_fleet_config_and_network_files(streams) -> None:
+    boot = streams["flash-boot"]
+    found = blkid(boot)
+    assert (found["LABEL"], found["TYPE"], found["VERSION"]) == ("flash-boot", "vfat", "FAT16")
+    assert sh("fsck.vfat", "-n", boot, check=False).returncode == 0
+    assert fat_read(boot, "/config.json") == CONFIG.read_bytes()
+    assert fat_read(boot, "/system-connections/office-wifi") == KEYFILE
+    files = fat_files(boot)
+    assert "/resin-image-flasher" in files and "/vmlinuz" in files
+    assert "/system-connections/wired-static.nmconnection" in files
+
+
+def test_flash_roota_holds_stage2_and_the_compressed_image(built, streams, tmp_path) -> None:
+    root = streams["flash-rootA"]
+    found = blkid(root)
+    assert (found["LABEL"], found["TYPE"]) == ("flash-rootA", "ext4")
+    check = e2fsck_clean(root)
+    assert check.returncode == 0, check.stdout
+    assert debugfs_cat(root, "/usr/bin/resin-init-flasher") == STAGE2.read_bytes()
+    stat = debugfs_stat(root, "/usr/bin/resin-init-flasher")
+    assert "Mode:  0755" in stat and "User:     0   Group:     0" in stat
+    inner = built.manifest.inner_image
+    assert inner.original_path == f"/opt/{INNER_NAME}"
+    assert inner.path == f"/opt/{INNER_NAME}.zst" and inner.compression == "zstd"
+    listing = sh("debugfs", "-R", "ls -p /opt", root).stdout.decode()
+    assert f"/{INNER_NAME}.zst/" in listing and f"/{INNER_NAME}/" not in listing
+    packed = tmp_path / "inner.zst"
+    packed.write_bytes(debugfs_cat(root, inner.path))
+    assert sha256(packed) == inner.sha256
+    original = tmp_path / "original.img"
+    build_resinos_image(original)
+    expanded = decompress(packed, tmp_path / "inner.img")
+    assert sha256(expanded) == sha256(original) == inner.raw_sha256
+    assert expanded.stat().st_size == inner.raw_size
+    table = sfdisk_json(expanded)
+    assert table["label"] == "dos"
+    assert [p["start"] for p in table["partitions"]] == [
+        p.start for p in inner.layout.partitions]
+    assert [p.label for p in inner.layout.partitions] == [
+        "resin-boot", "resin-rootA", "resin-rootB", None, "resin-state", "resin-data"]
+
+
+def test_flash_roota_was_shrunk_to_what_it_holds(built, streams) -> None:
+    flasher_root = sfdisk_json(cached_flasher())["partitions"][1]["size"] * 512
+    size = built.manifest.partition("flash-rootA").size
+    inner = built.manifest.inner_image
+    assert size < flasher_root / 2
+    assert size % (4 << 20) == 0
+    # what it holds plus headroom, no more: the compressed image takes most of it
+    assert inner.size < size < inner.size + (48 << 20)
+    free = sh("dumpe2fs", "-h", streams["flash-rootA"]).stdout.decode()
+    free_blocks = int(next(line.split(":")[1] for line in free.splitlines()
+                           if line.startswith("Free blocks:")))
+    assert free_blocks * 4096 >= 8 << 20
+
+
+@pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"])
+def test_the_runtime_zipapp_runs(built: BuildResult, python: str) -> None:
+    if not Path(python).exists():
+        pytest.skip(f"{python} is not installed")
+    pyz = built.out / "resin-migrate.pyz"
+    assert os.access(pyz, os.X_OK)
+    help_text = subprocess.run([python, str(pyz), "--help"], capture_output=True, text=True,
+                               cwd="/")
+    assert help_text.returncode == 0, help_text.stderr
+    assert "verify" in help_text.stdout and "exit codes" in help_text.stdout
+    verified = subprocess.run([python, str(pyz), "verify"], capture_output=True, text=True,
+                              cwd="/")
+    assert verified.returncode == 0, verified.stderr
+    assert "ok  flash-rootA.gz" in verified.stdout
+
+
+def test_verify_names_a_damaged_stream(built: BuildResult, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(built.out, copy)
+    stream = copy / "flash-boot.gz"
+    data = bytearray(stream.read_bytes())
+    data[len(data) // 2] ^= 1
+    stream.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, str(copy / "resin-migrate.pyz"), "verify"],
+                            capture_output=True, text=True)
+    assert result.returncode == 4
+    assert "flash-boot.gz" in result.stderr and "differs from the manifest" in result.stderr
+
+
+def test_two_builds_are_byte_identical(built: BuildResult, network_dir: Path,
+                                       tmp_path: Path) -> None:
+    again = build(BuildOptions(image=cached_flasher(), out=tmp_path / "again", config=CONFIG,
+                               network=network_dir), QUIET)
+    for path in sorted(built.out.iterdir()):
+        assert (again.out / path.name).read_bytes() == path.read_bytes(), path.name
+

@@ -1,0 +1,110 @@
+"""manifest.json: the schema the builder writes and the runtime reads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from builder.layout import ReferenceLayout
+from runtime.errors import ManifestError
+from runtime.manifest import (
+    SCHEMA_VERSION,
+    Boot,
+    DevicePartition,
+    InnerImage,
+    Manifest,
+    Source,
+    Stream,
+    dumps,
+    loads,
+)
+
+SHA = "ab" * 32
+
+
+def _manifest() -> Manifest:
+    return Manifest(
+        schema=SCHEMA_VERSION, builder_version="0.1.0",
+        source=Source(name="flasher.img.zip", format="zip", sha256=SHA),
+        partitions=[
+            DevicePartition(label="flash-boot", fs="vfat", size=40 << 20, flags=["boot", "lba"],
+                            grows=False, stream="flash-boot.gz"),
+            DevicePartition(label="flash-rootA", fs="ext4", size=400 << 20, flags=[],
+                            grows=False, stream="flash-rootA.gz"),
+            DevicePartition(label="flash-data", fs="ext4", size=64 << 20, flags=[], grows=True,
+                            stream=None),
+        ],
+        streams=[Stream(file="flash-boot.gz", compression="gzip", size=100, sha256=SHA,
+                        raw_size=40 << 20, raw_sha256=SHA),
+                 Stream(file="flash-rootA.gz", compression="gzip", size=100, sha256=SHA,
+                        raw_size=400 << 20, raw_sha256=SHA)],
+        inner_image=InnerImage(
+            path="/opt/resin-image-genericx86-64.resinos-img.zst",
+            original_path="/opt/resin-image-genericx86-64.resinos-img", compression="zstd",
+            size=300 << 20, sha256=SHA, raw_size=1800 << 20, raw_sha256=SHA,
+            layout=ReferenceLayout.load("resinos-image").layout),
+        boot=Boot(kernel_label="flash-boot", kernel="/vmlinuz", initrd=None,
+                  cmdline="root=LABEL=flash-rootA rootwait"),
+        flasher_decompressors=["gzip", "zstd"],
+    )
+
+
+def test_round_trip_is_stable() -> None:
+    data = dumps(_manifest())
+    assert loads(data) == _manifest()
+    assert dumps(loads(data)) == data
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("partitions", 0, "label"), "flash-boot;reboot", r"partitions\[0\]\.label"),
+    (("boot", "cmdline"), "root=LABEL=flash-rootA $(reboot)", r"boot\.cmdline"),
+    (("boot", "kernel"), "/../../etc/shadow", r"boot\.kernel"),
+    (("streams", 1, "sha256"), "not-a-hash", r"streams\[1\]\.sha256"),
+    (("streams", 0, "file"), "../flash-boot.gz", r"streams\[0\]\.file"),
+    (("inner_image", "compression"), "lz4", r"inner_image\.compression"),
+    (("partitions", 2, "grows"), "yes", r"partitions\[2\]\.grows"),
+    (("inner_image", "layout", "partitions", 0, "label"), "a b", r"layout\.partitions\[0\]"),
+])
+def test_bad_values_are_refused_naming_the_field(path, value, message) -> None:
+    data = json.loads(dumps(_manifest()))
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ManifestError, match=message):
+        loads(json.dumps(data).encode())
+
+
+def test_cross_field_rules() -> None:
+    data = json.loads(dumps(_manifest()))
+    unknown_stream = copy.deepcopy(data)
+    unknown_stream["partitions"][0]["stream"] = "missing.gz"
+    with pytest.raises(ManifestError, match="missing.gz, which is not in streams"):
+        loads(json.dumps(unknown_stream).encode())
+    two_grow = copy.deepcopy(data)
+    two_grow["partitions"][1]["grows"] = True
+    with pytest.raises(ManifestError, match="exactly one partition must grow"):
+        loads(json.dumps(two_grow).encode())
+    too_big = copy.deepcopy(data)
+    too_big["streams"][1]["raw_size"] = (400 << 20) + 1
+    with pytest.raises(ManifestError, match="larger than the partition"):
+        loads(json.dumps(too_big).encode())
+    undecodable = copy.deepcopy(data)
+    undecodable["flasher_decompressors"] = ["gzip"]
+    with pytest.raises(ManifestError, match="flasher cannot decompress"):
+        loads(json.dumps(undecodable).encode())
+
+
+def test_other_schema_versions_and_broken_json_are_refused() -> None:
+    data = json.loads(dumps(_manifest()))
+    data["schema"] = SCHEMA_VERSION + 1
+    with pytest.raises(ManifestError, match="schema version"):
+        loads(json.dumps(data).encode())
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        loads(b'{"schema": 1,')
+    del data["boot"]
+    data["schema"] = SCHEMA_VERSION
+    with pytest.raises(ManifestError, match="'boot' is missing"):
+        loads(json.dumps(data).encode())

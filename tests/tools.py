@@ -1,0 +1,63 @@
+"""Independent readers the tests check results with: the tools a user would reach for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+
+def sh(*argv: object, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(arg) for arg in argv], capture_output=True, check=check,
+                          input=input)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def blkid(path: Path, offset: int | None = None, size: int | None = None) -> dict[str, str]:
+    argv: list[object] = ["blkid", "-p", "-o", "export"]
+    if offset is not None:
+        argv += ["-O", offset]
+    if size is not None:
+        argv += ["-S", size]
+    out = sh(*argv, path, check=False).stdout.decode()
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def sfdisk_json(path: Path) -> dict:
+    return json.loads(sh("sfdisk", "--json", path).stdout)["partitiontable"]
+
+
+def e2fsck_clean(path: Path) -> subprocess.CompletedProcess:
+    return sh("e2fsck", "-fn", path, check=False)
+
+
+def debugfs_cat(image: Path, path: str) -> bytes:
+    return sh("debugfs", "-R", f"cat {path}", image).stdout
+
+
+def debugfs_stat(image: Path, path: str) -> str:
+    return sh("debugfs", "-R", f"stat {path}", image).stdout.decode()
+
+
+def fat_read(image: Path, path: str) -> bytes:
+    return sh("mcopy", "-n", "-i", image, f"::{path}", "-").stdout
+
+
+def fat_files(image: Path) -> list[str]:
+    out = sh("mdir", "-i", image, "-/", "-b", "::/").stdout.decode()
+    return sorted(line.strip().removeprefix("::") for line in out.splitlines() if line.strip())
+
+
+def decompress(stream: Path, dest: Path) -> Path:
+    tool = {".gz": "gzip", ".zst": "zstd"}[stream.suffix]
+    with dest.open("wb") as out:
+        subprocess.run([tool, "-dc", str(stream)], stdout=out, check=True)
+    return dest
