@@ -64,9 +64,9 @@ def manifest_runtime_name() -> str:
 
 
 @task(help={
-    "image": "the intel-nuc flasher image: raw, .zip (balena's download), .gz, .zst or .xz; "
-             "the format is read from the content, not the name",
-    "out": "the bundle directory to create (refused if it exists and is not empty)",
+    "image": "(required) the intel-nuc flasher image: raw, .zip (balena's download), .gz, "
+             ".zst or .xz; the format is read from the content, not the name",
+    "out": "(required) the bundle directory to create (refused if it exists and is not empty)",
     "config": "the fleet's config.json; replaces the flasher's own on flash-boot",
     "network": "a directory of NetworkManager keyfiles for flash-boot/system-connections",
     "compression": "zstd or gzip for the resinOS image inside the flasher (default: zstd "
@@ -78,7 +78,7 @@ def manifest_runtime_name() -> str:
     "workdir": "where to keep the temporary copies (default: beside --out); needs about "
                "twice the flasher's raw size free",
 })
-def build_flasher(c, image, out, config=None, network=None, compression=None,
+def build_flasher(c, image=None, out=None, config=None, network=None, compression=None,
                   stream_compression="gzip", force=False, quiet=False, workdir=None):
     """Repack an intel-nuc resinOS flasher image into a migration bundle (no root needed).
 
@@ -87,6 +87,10 @@ def build_flasher(c, image, out, config=None, network=None, compression=None,
     1 a bug; 3 unreadable input; 4 not an intel-nuc flasher; 5 bad option or --out not empty;
     6 a tool missing or failed; 7 an edit could not be verified.
     """
+    missing = [name for name, value in (("--image", image), ("--out", out)) if not value]
+    if missing:
+        raise Exit(f"build-flasher: {' and '.join(missing)} required; see "
+                   "'invoke build-flasher --help'", code=5)
     _run_build(Path(image), Path(out), config, network, compression, stream_compression,
                force, quiet, workdir)
 
@@ -123,6 +127,6 @@ def lint(c):
     os.chdir(ROOT)
     c.run(f"{sys.executable} -m ruff check .")
     c.run(f"{sys.executable} -m mypy")
-    c.run(f"{Path(sys.executable).parent / 'vermin'} --target=3.4- --violations --no-tips --eval-annotations "
-          "runtime")
+    vermin = Path(sys.executable).parent / "vermin"
+    c.run(f"{vermin} --target=3.4- --violations --no-tips --eval-annotations runtime")
     c.run("shellcheck runtime/resin-init-flasher")

@@ -13,7 +13,7 @@ import pytest
 from builder.progress import Progress
 from builder.repack import BuildOptions, BuildResult, build
 from runtime.manifest import load
-from tests.synthetic import INNER_NAME, FlasherSpec, build_resinos_image, cached_flasher
+from tests.synthetic import INNER_NAME, build_resinos_image, cached_flasher
 from tests.tools import (
     blkid,
     debugfs_cat,

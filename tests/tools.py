@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 
-def sh(*argv: object, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
+def sh(*argv: object, check: bool = True,
+       input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(arg) for arg in argv], capture_output=True, check=check,
                           input=input)
 

@@ -1,0 +1,175 @@
+"""build-flasher through its command line: other flasher variants, and every refusal.
+
+A refusal is one paragraph on stderr (no traceback), a documented exit code, nothing at
+--out and nothing left beside it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from runtime.manifest import load
+from tests.synthetic import FlasherSpec, build_resinos_image, cached_flasher
+from tests.tools import debugfs_cat, decompress, sha256
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "tests" / "data" / "config.json"
+
+
+def build_flasher(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", "build-flasher", "--quiet", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True)
+
+
+def _tree(directory: Path) -> dict[str, str]:
+    return {str(path.relative_to(directory)): sha256(path)
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_zip_input_gives_the_same_streams_as_raw(tmp_path: Path) -> None:
+    flasher = cached_flasher()
+    packed = tmp_path / "resin-intel-nuc-2.x-flasher.img.zip"
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.write(flasher, "resin-intel-nuc-2.x-flasher.img")
+    from_zip = build_flasher("--image", packed, "--out", tmp_path / "zip")
+    from_raw = build_flasher("--image", flasher, "--out", tmp_path / "raw")
+    assert from_zip.returncode == 0 and from_raw.returncode == 0, from_zip.stderr
+    zip_manifest, raw_manifest = load(str(tmp_path / "zip")), load(str(tmp_path / "raw"))
+    assert zip_manifest.source.format == "zip"
+    assert zip_manifest.source.sha256 == sha256(packed)
+    assert zip_manifest.streams == raw_manifest.streams
+    assert "bundle written to" in from_zip.stdout
+
+
+def test_flasher_without_zstd_gets_a_gzip_inner_image(tmp_path: Path) -> None:
+    result = build_flasher("--image", cached_flasher(FlasherSpec(with_zstd=False)),
+                           "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    manifest = load(str(tmp_path / "out"))
+    inner = manifest.inner_image
+    assert manifest.flasher_decompressors == ["gzip"]
+    assert inner.compression == "gzip" and inner.path.endswith(".resinos-img.gz")
+    root = decompress(tmp_path / "out" / "flash-rootA.gz", tmp_path / "rootA.img")
+    packed = tmp_path / "inner.gz"
+    packed.write_bytes(debugfs_cat(root, inner.path))
+    original = tmp_path / "original.img"
+    build_resinos_image(original)
+    assert sha256(decompress(packed, tmp_path / "inner.img")) == sha256(original)
+
+
+def test_newer_flasher_naming_and_grub_entry(tmp_path: Path) -> None:
+    spec = FlasherSpec(inner_name="balena-image-genericx86-64.balenaos-img",
+                       kernel_name="bzImage", newer_grub_cfg=True)
+    result = build_flasher("--image", cached_flasher(spec), "--out", tmp_path / "out",
+                           "--compression", "gzip", "--stream-compression", "zstd")
+    assert result.returncode == 0, result.stderr
+    manifest = load(str(tmp_path / "out"))
+    assert manifest.inner_image.path == "/opt/balena-image-genericx86-64.balenaos-img.gz"
+    assert (manifest.boot.kernel_label, manifest.boot.kernel) == ("flash-rootA", "/boot/bzImage")
+    assert "flasher" in manifest.boot.cmdline.split()
+    assert [stream.file for stream in manifest.streams] == ["flash-boot.zst", "flash-rootA.zst"]
+
+
+def _corrupt_zip(tmp: Path) -> Path:
+    packed = tmp / "flasher.zip"
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.write(cached_flasher(), "flasher.img")
+    data = bytearray(packed.read_bytes())
+    for offset in range(len(data) // 2, len(data) // 2 + 256):
+        data[offset] ^= 0xFF
+    packed.write_bytes(bytes(data))
+    return packed
+
+
+def _truncated_gzip(tmp: Path) -> Path:
+    packed = tmp / "flasher.img.gz"
+    with cached_flasher().open("rb") as raw, gzip.open(packed, "wb", compresslevel=1) as out:
+        shutil.copyfileobj(raw, out)
+    with packed.open("r+b") as handle:
+        handle.truncate(packed.stat().st_size // 2)
+    return packed
+
+
+def _truncated_raw(tmp: Path) -> Path:
+    image = tmp / "flasher.img"
+    shutil.copyfile(cached_flasher(), image)
+    with image.open("r+b") as handle:
+        handle.truncate(image.stat().st_size // 2)
+    return image
+
+
+def _garbage(tmp: Path) -> Path:
+    path = tmp / "flasher.img"
+    path.write_bytes(b"<html>404 Not Found</html>\n" * 40)
+    return path
+
+
+def _resinos_image(tmp: Path) -> Path:
+    path = tmp / "resinos.img"
+    build_resinos_image(path)
+    return path
+
+
+@pytest.mark.parametrize(("make_input", "extra", "code", "message"), [
+    (_garbage, (), 3, "found 'HTML document"),
+    (_corrupt_zip, (), 3, "corrupt or truncated"),
+    (_truncated_gzip, (), 3, "corrupt or truncated"),
+    (_truncated_raw, (), 3, "truncated"),
+    (lambda tmp: cached_flasher(FlasherSpec(with_rootA=False)), (), 4,
+     "no partition labelled flash-rootA"),
+    (lambda tmp: cached_flasher(FlasherSpec(with_inner_image=False)), (), 4,
+     "expected one resinOS image"),
+    (_resinos_image, (), 4, "no partition labelled flash-boot"),
+    (lambda tmp: cached_flasher(FlasherSpec(with_zstd=False)), ("--compression", "zstd"), 5,
+     "no zstd binary"),
+    (lambda tmp: cached_flasher(), ("--config", ROOT / "README.md"), 5, "not valid JSON"),
+    (lambda tmp: cached_flasher(), ("--compression", "lz4"), 5, "expected one of gzip, zstd"),
+], ids=["garbage", "corrupt-zip", "truncated-gzip", "truncated-raw", "no-rootA",
+        "no-inner-image", "resinos-not-flasher", "zstd-unavailable", "config-not-json",
+        "unknown-compression"])
+def test_bad_input_is_refused_and_leaves_nothing(make_input, extra, code, message,
+                                                 tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = make_input(inputs)
+    dist = tmp_path / "dist"
+    result = build_flasher("--image", image, "--out", dist / "nuc", *extra)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("build-flasher: ")
+    assert not (dist / "nuc").exists()
+    assert not dist.exists() or list(dist.iterdir()) == []
+
+
+def test_non_empty_out_is_refused_unless_forced(tmp_path: Path) -> None:
+    out = tmp_path / "nuc"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    before = _tree(tmp_path)
+    refused = build_flasher("--image", cached_flasher(), "--out", out)
+    assert refused.returncode == 5
+    assert "not empty" in refused.stderr and "--force" in refused.stderr
+    assert _tree(tmp_path) == before
+    forced = build_flasher("--image", cached_flasher(), "--out", out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(_tree(out)) == ["SHA256SUMS", "flash-boot.gz", "flash-rootA.gz",
+                                  "manifest.json", "resin-migrate.pyz"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["nuc"]
+
+
+def test_help_lists_options_and_exit_codes() -> None:
+    result = subprocess.run([sys.executable, "-m", "invoke", "build-flasher", "--help"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for word in ("--image", "--config", "--network", "--compression", "--out", "--force",
+                 "--quiet", "Exit codes"):
+        assert word in result.stdout
