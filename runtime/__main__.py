@@ -8,22 +8,25 @@ from .stdlib import require_modules
 require_modules()
 
 import argparse  # noqa: E402  (after the check, which names a missing module clearly)
-import logging  # noqa: E402
+import json  # noqa: E402
 
-from . import __version__  # noqa: E402
+from . import __version__, log  # noqa: E402
 from .bundle import verify_streams  # noqa: E402
 from .errors import MigrateError  # noqa: E402
 from .manifest import load  # noqa: E402
 
 EXIT_CODES = """\
 exit codes:
-  0  success
-  1  unexpected internal error (a bug: report it with the log)
-  2  usage error (bad command line)
-  3  manifest.json missing, malformed or failing validation
-  4  a bundle file is missing or does not match its sha256 in the manifest
-  5  this Python lacks standard modules the runtime needs (the message names the package)
-  6  an external tool is missing or failed (the message names it)
+  0   success
+  1   unexpected internal error (a bug: report it with /var/log/resin-migrate.log)
+  2   usage error (bad command line)
+  3   manifest.json missing, malformed or failing validation
+  4   a bundle file is missing or does not match its sha256 in the manifest
+  5   this Python lacks standard modules the runtime needs (the message names the package)
+  6   an external tool is missing or failed (the message names it)
+  10  refused: a check failed, or not confirmed; nothing on the disk was changed
+  11  stage 1 failed after changing the device: run 'rollback' (or stage1 again)
+  12  rollback failed, or there is nothing to roll back
 """
 
 
@@ -44,39 +47,200 @@ def cmd_verify(args):
     return 0
 
 
+def _preflight(args, skip_streams=False):
+    from .preflight import Preflight
+    return Preflight(args.sysroot, args.bundle, args.disk, skip_streams=skip_streams).run()
+
+
+def cmd_check(args):
+    preflight = _preflight(args)
+    if args.json:
+        print(json.dumps({"ok": preflight.passed,
+                          "checks": [check.to_dict() for check in preflight.checks]},
+                         indent=2, sort_keys=True))
+    else:
+        for check in preflight.checks:
+            mark = {True: "ok", False: "FAIL", None: "info"}[check.ok]
+            print("{:<4}  {:<18}  {}".format(mark, check.name, check.found))
+            if check.ok is False:
+                if check.needed:
+                    print("{:<4}  {:<18}  needed: {}".format("", "", check.needed))
+                if check.hint:
+                    print("{:<4}  {:<18}  {}".format("", "", check.hint))
+        print("\n{}".format("all checks passed: 'plan' shows what stage1 will do"
+                            if preflight.passed else
+                            "some checks failed: nothing was changed; fix them and run "
+                            "check again"))
+    return 0 if preflight.passed else 10
+
+
+def _plan_lines(preflight):
+    target = preflight.target
+    layout = target.layout
+    manifest = target.manifest
+    disk = target.disk
+    from .system import partition_path
+    lines = [
+        "1. run the backup script, if given, into an empty directory; pack it as backup.tgz",
+        "2. record the partition table of {} and the swap signature of {} (UUID {}, LABEL "
+        "{}) in /var/lib/resin-migrate".format(disk, target.swap.node,
+                                              target.swap_probe.get("UUID", "-"),
+                                              target.swap_probe.get("LABEL", "-")),
+        "3. swapoff {}".format(target.swap.node),
+        "4. comment out the swap line of /etc/fstab ({}); keep a copy".format(
+            target.fstab_swap.spec if target.fstab_swap else "no line names it"),
+        "5. replace {} (sectors {}-{}) with:".format(target.swap.node, target.swap.start,
+                                                   target.swap.end - 1),
+    ]
+    if layout.new_extended is not None:
+        lines.append("     {} extended, sectors {}-{}".format(
+            layout.new_extended.node, layout.new_extended.start, layout.new_extended.end - 1))
+    for flash in layout.flash:
+        lines.append("     {} {:<12} {:<5} sectors {}-{} ({} MiB){}".format(
+            partition_path(disk, flash.number), flash.label, flash.fs, flash.start,
+            flash.end - 1, flash.size * 512 >> 20,
+            ", from " + flash.stream if flash.stream else ", formatted empty"))
+    lines += [
+        "   and tell the kernel with partx (the root partition stays mounted)",
+        "6. write each stream onto its partition, read it back with O_DIRECT, compare sha256",
+        "7. mkfs.ext4 flash-data; write manifest.json, stage2.env, backup.tgz and the log",
+        "8. add /etc/grub.d/42_resin-migrate booting {} from {} with '{}', update-grub, "
+        "grub-reboot (one boot only)".format(manifest.boot.kernel, manifest.boot.kernel_label,
+                                            manifest.boot.cmdline),
+        "then, after the reboot, stage 2 writes resinOS ({} MiB, ending before sector {}) "
+        "over the start of {}".format(manifest.inner_image.raw_size >> 20,
+                                      layout.protected_start, disk),
+    ]
+    return lines
+
+
+def cmd_plan(args):
+    preflight = _preflight(args)
+    if not preflight.passed:
+        for check in preflight.failures():
+            sys.stderr.write("FAIL  {}: {}\n".format(check.name, check.found))
+        sys.stderr.write("no plan: the checks above failed ('check' shows all of them)\n")
+        return 10
+    if args.json:
+        layout = preflight.target.layout
+        print(json.dumps({"disk": preflight.target.disk, "swap": preflight.target.swap.node,
+                          "partitions": [flash.to_dict() for flash in layout.flash],
+                          "protected_start": layout.protected_start,
+                          "steps": _plan_lines(preflight)}, indent=2, sort_keys=True))
+    else:
+        print("\n".join(_plan_lines(preflight)))
+    return 0
+
+
+def _ask(preflight):
+    print("\n".join(_plan_lines(preflight)))
+    if not sys.stdin.isatty():
+        return False
+    answer = input("\nThis repartitions {}. Type 'yes' to go on: ".format(
+        preflight.target.disk))
+    return answer.strip() == "yes"
+
+
+def cmd_stage1(args):
+    from .stage1 import Options, run_stage1
+    return run_stage1(Options(sysroot=args.sysroot, bundle=args.bundle, disk=args.disk,
+                              backup_script=args.backup_script, yes=args.yes,
+                              reboot=args.reboot, confirm=_ask))
+
+
+def cmd_rollback(args):
+    from .rollback import rollback
+    rollback(args.sysroot)
+    return 0
+
+
+def cmd_status(args):
+    from .status import status
+    found = status(args.sysroot)
+    if args.json:
+        print(json.dumps(found, indent=2, sort_keys=True))
+    else:
+        print(found["phase"])
+        if found["log_tail"]:
+            print("\nlast lines of {}:".format(found["log"]))
+            print("\n".join(found["log_tail"]))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="resin-migrate.pyz",
         description="Migrate this device onto resinOS in place, from a bundle made by "
-                    "'invoke build-flasher'. Run it as root from the bundle directory.",
+                    "'invoke build-flasher'. Run it as root. Order: check, plan, stage1 "
+                    "(then reboot); rollback undoes stage1 before the reboot.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="resin-migrate " + __version__)
     parser.add_argument("--bundle", default=default_bundle_dir(), metavar="DIR",
                         help="the bundle directory (default: the directory holding this .pyz)")
+    parser.add_argument("--disk", metavar="DEV",
+                        help="the disk to migrate (default: the disk holding the root "
+                             "filesystem; given, it must be that disk)")
+    parser.add_argument("--sysroot", default="/", metavar="DIR",
+                        help="the root filesystem of the system to migrate, mounted (default "
+                             "/; another directory prepares a disk that is not running, with "
+                             "GRUB run chrooted)")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log every command run")
+                        help="also print every command run")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    verify = commands.add_parser(
-        "verify", help="check the bundle's files against manifest.json; changes nothing",
-        description="Read manifest.json, validate it, and check the size and sha256 of every "
-                    "stream it names. Changes nothing.")
-    verify.set_defaults(func=cmd_verify)
+
+    def add(name, func, summary, description):
+        sub = commands.add_parser(name, help=summary, description=description)
+        sub.set_defaults(func=func)
+        return sub
+
+    add("verify", cmd_verify, "check the bundle's files against manifest.json; changes nothing",
+        "Validate manifest.json and check the size and sha256 of every stream. Changes nothing.")
+    check = add("check", cmd_check, "preflight: every check stage1 needs; changes nothing",
+                "Check root, OS, boot mode, disk and table, the swap partition, memory for "
+                "swapoff, tools, bundle integrity, room for the flasher, that the resinOS "
+                "image ends before the flash partitions, and GRUB. Changes nothing.")
+    check.add_argument("--json", action="store_true", help="print the checks as JSON")
+    plan = add("plan", cmd_plan, "the exact steps stage1 would take here; changes nothing",
+               "Run the checks, then print the devices, sectors, sizes and files stage1 "
+               "would write. Changes nothing.")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    stage1 = add("stage1", cmd_stage1, "swap area -> flasher partitions, one-shot GRUB entry",
+                 "Run the checks, then: backup, swapoff, fstab, repartition the swap area, "
+                 "stream-write and verify the flasher, flash-data with the stage 2 inputs, "
+                 "and a GRUB entry for the next boot only. Resumable: run it again after an "
+                 "interruption. Undo with rollback (before rebooting).")
+    stage1.add_argument("--backup-script", metavar="PATH",
+                        help="run PATH DIR on an empty DIR; DIR becomes backup.tgz in "
+                             "resin-data (the balena Supervisor restores it)")
+    stage1.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    stage1.add_argument("--reboot", action="store_true",
+                        help="reboot into the flasher when stage 1 is complete")
+    add("rollback", cmd_rollback, "undo stage1 (before the reboot)",
+        "Restore the partition table, the swap (same UUID and label), /etc/fstab, and remove "
+        "the GRUB entry. Works after an interrupted stage1 too.")
+    status = add("status", cmd_status, "where the migration stands, and the last log lines",
+                 "Show the state of stage 1 and the last lines of /var/log/resin-migrate.log.")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    log.setup(verbose=args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.bundle = os.path.abspath(args.bundle)
+    args.sysroot = os.path.abspath(args.sysroot)
     try:
         return args.func(args)
     except MigrateError as exc:
-        sys.stderr.write("resin-migrate: {}\n".format(exc))
+        log.log.error("resin-migrate: %s", exc)
         return exc.exit_code
+    except KeyboardInterrupt:
+        log.log.error("resin-migrate: interrupted; run 'status' to see where it stopped")
+        return 11
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ install instead of failing later with a bare ImportError.
 
 import sys
 
-NEEDED = ("argparse", "hashlib", "json", "logging", "re", "subprocess", "zlib", "zipfile")
+NEEDED = ("argparse", "gzip", "hashlib", "json", "logging", "mmap", "re", "subprocess",
+          "tarfile", "tempfile", "threading", "zipfile", "zlib")
 
 
 def missing_modules():

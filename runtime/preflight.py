@@ -1,0 +1,307 @@
+"""Preflight: every fact stage 1 depends on, checked before anything changes.
+
+Each check gives what it found, what is needed and what the user can do. `check` prints
+them; `plan` and `stage1` refuse to go on unless all pass.
+"""
+
+import os
+
+from . import disk as disk_module
+from . import system
+from .bundle import verify_streams
+from .errors import MigrateError
+from .manifest import Manifest, load  # noqa: F401  (type comments)
+from .plan import MIB, PlanError, place
+from .run import which
+
+MYPY = False
+if MYPY:  # typing is not imported at run time (Python 3.4 devices)
+    from typing import Dict, List, Optional  # noqa: F401  # novermin
+
+# What stage 1 runs, and the Debian/Ubuntu package that provides it.
+TOOLS = (
+    ("sfdisk", "fdisk (util-linux on Ubuntu 14.04)"),
+    ("partx", "util-linux"),
+    ("blkid", "util-linux"),
+    ("blockdev", "util-linux"),
+    ("swapoff", "util-linux (mount on Ubuntu 14.04)"),
+    ("swapon", "util-linux (mount on Ubuntu 14.04)"),
+    ("mkswap", "util-linux"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+    ("mkfs.ext4", "e2fsprogs"),
+    ("chroot", "coreutils"),
+    ("sync", "coreutils"),
+)
+GRUB_TOOLS = (("grub-reboot", "grub2-common (grub-common on older releases)"),
+              ("grub-editenv", "grub2-common (grub-common on older releases)"))
+SWAPOFF_MARGIN = 64 * MIB
+SUPPORTED_OS = ("debian", "ubuntu")
+
+
+class RefusedError(MigrateError):
+    """A preflight check failed: nothing was changed."""
+
+    exit_code = 10
+
+
+class Check(object):
+    def __init__(self, name, ok, found, needed="", hint=""):
+        # type: (str, Optional[bool], str, str, str) -> None
+        self.name = name
+        self.ok = ok          # True, False, or None for a fact shown without judgement
+        self.found = found
+        self.needed = needed
+        self.hint = hint
+
+    def to_dict(self):
+        return {"name": self.name, "ok": self.ok, "found": self.found, "needed": self.needed,
+                "hint": self.hint}
+
+
+class Target(object):
+    """What the checks learned about the device: the facts stage 1 acts on."""
+
+    def __init__(self, sysroot, bundle):
+        # type: (str, str) -> None
+        self.sysroot = sysroot
+        self.bundle = bundle
+        self.manifest = None        # type: Optional[Manifest]
+        self.disk = None            # type: Optional[str]
+        self.table = None           # type: Optional[disk_module.Table]
+        self.swap = None            # type: Optional[disk_module.TablePartition]
+        self.swap_probe = {}        # type: Dict[str, str]
+        self.swap_active = False
+        self.swap_used = 0
+        self.fstab_swap = None      # type: Optional[system.FstabEntry]
+        self.layout = None          # type: Optional[object]
+
+
+class Preflight(object):
+    """Runs the checks in order, each able to use what earlier ones found."""
+
+    def __init__(self, sysroot="/", bundle=".", disk=None, reserve_bytes=0, skip_streams=False):
+        # type: (str, str, Optional[str], int, bool) -> None
+        self.target = Target(sysroot, bundle)
+        self.disk_override = disk
+        self.reserve_bytes = reserve_bytes
+        self.skip_streams = skip_streams
+        self.checks = []  # type: List[Check]
+
+    @property
+    def passed(self):
+        # type: () -> bool
+        return all(check.ok is not False for check in self.checks)
+
+    def failures(self):
+        # type: () -> List[Check]
+        return [check for check in self.checks if check.ok is False]
+
+    def add(self, name, ok, found, needed="", hint=""):
+        # type: (str, Optional[bool], str, str, str) -> Check
+        check = Check(name, ok, found, needed, hint)
+        self.checks.append(check)
+        return check
+
+    def run(self):
+        # type: () -> Preflight
+        for step in (self.check_root, self.check_os, self.check_boot_mode, self.check_bundle,
+                     self.check_disk, self.check_swap, self.check_memory, self.check_tools,
+                     self.check_grub, self.check_layout):
+            try:
+                step()
+            except MigrateError as exc:
+                self.add(step.__name__[len("check_"):], False, str(exc))
+        return self
+
+    def check_root(self):
+        uid = os.geteuid()
+        self.add("root", uid == 0, "running as uid {}".format(uid), "root",
+                 "run it with sudo" if uid else "")
+
+    def check_os(self):
+        release = system.os_release(self.target.sysroot)
+        ids = [release.get("ID", "")] + release.get("ID_LIKE", "").split()
+        name = release.get("PRETTY_NAME") or release.get("ID") or "unknown (no /etc/os-release)"
+        self.add("os", any(value in SUPPORTED_OS for value in ids), name, "Debian or Ubuntu",
+                 "" if any(v in SUPPORTED_OS for v in ids) else
+                 "only Debian and Ubuntu devices are supported")
+        self.add("kernel", None, os.uname()[2])
+
+    def check_boot_mode(self):
+        mode = system.boot_mode()
+        self.add("boot mode", mode == "bios", mode, "legacy BIOS",
+                 "UEFI devices are not supported yet" if mode != "bios" else "")
+
+    def check_bundle(self):
+        manifest = load(self.target.bundle)
+        self.target.manifest = manifest
+        if self.skip_streams:
+            self.add("bundle", True, "manifest {} valid (streams not checked)".format(
+                manifest.source.name))
+            return
+        checked = verify_streams(self.target.bundle, manifest)
+        self.add("bundle", True, "{} streams match manifest.json ({})".format(
+            len(checked), ", ".join(checked)))
+
+    def check_disk(self):
+        target = self.target
+        root_mount = system.mount_of(target.sysroot)
+        device = system.device_by_number(root_mount.major, root_mount.minor)
+        if device is None:
+            self.add("root disk", False, "/ is {} ({}), not a block device".format(
+                root_mount.source, root_mount.fstype), "a root filesystem on a disk partition")
+            return
+        if device.is_device_mapper or device.is_md:
+            self.add("root disk", False, "/ is on {} (LVM, RAID or encryption)".format(
+                device.path), "a root filesystem on a plain disk partition",
+                "devices with / on LVM or RAID are not supported")
+            return
+        root_disk = device.disk.path
+        if self.disk_override and os.path.realpath(self.disk_override) != root_disk:
+            self.add("root disk", False, "/ of {} is on {}, not on --disk {}".format(
+                target.sysroot, root_disk, self.disk_override), "the disk holding /")
+            return
+        target.disk = root_disk
+        table = disk_module.read_table(root_disk)
+        target.table = table
+        self.add("root disk", True, "{} on {} ({} MiB)".format(
+            device.path, root_disk, table.sectors * 512 // MIB))
+        self.add("partition table", table.label == "dos", table.label, "msdos (dos)",
+                 "GPT disks are not supported yet" if table.label == "gpt" else "")
+
+    def check_swap(self):
+        target = self.target
+        if target.table is None or target.table.label != "dos":
+            return
+        entries = [entry for entry in system.fstab(target.sysroot) if entry.fstype == "swap"]
+        active = system.active_swaps()
+        candidates = []
+        for part in target.table.partitions:
+            if part.is_extended:
+                continue
+            probe = disk_module.probe(part.node)
+            if part.type == "82" or probe.get("TYPE") == "swap":
+                candidates.append((part, probe))
+        if not candidates:
+            self.add("swap partition", False, self._no_swap_reason(entries, active),
+                     "a swap partition on {}".format(target.disk),
+                     "resin-migrate rebuilds the flasher in the swap partition; devices "
+                     "without one cannot be migrated in place")
+            return
+        part, probe = max(candidates, key=lambda item: item[0].size)
+        target.swap, target.swap_probe = part, probe
+        for swap in active:
+            dev = system.device_of_path(swap.path)
+            if dev is not None and dev.path == part.node:
+                target.swap_active, target.swap_used = True, swap.used
+        for entry in entries:
+            if entry.names(probe.get("UUID"), probe.get("LABEL"), [part.node]):
+                target.fstab_swap = entry
+        kind = "logical" if part.is_logical else "primary"
+        named = target.fstab_swap.spec if target.fstab_swap else "not in /etc/fstab"
+        self.add("swap partition", True, "{} ({} partition, {} MiB, {}, fstab: {})".format(
+            part.node, kind, part.size * 512 // MIB,
+            "active, {} MiB used".format(target.swap_used // MIB) if target.swap_active
+            else "inactive", named))
+
+    def _no_swap_reason(self, entries, active):
+        for swap in active:
+            if swap.kind == "file":
+                return "swap is a file ({}), not a partition".format(swap.path)
+        for swap in active + [system.Swap(e.spec, "?", 0, 0) for e in entries]:
+            dev = system.device_of_path(swap.path) if swap.path.startswith("/dev/") else None
+            if swap.path.startswith("/dev/mapper/") or (dev is not None and dev.is_device_mapper):
+                return "swap is on LVM or device-mapper ({})".format(swap.path)
+        for entry in entries:
+            if not entry.spec.startswith(("/dev/", "UUID=", "LABEL=")):
+                return "swap is a file ({}), not a partition".format(entry.spec)
+        return "no swap partition on the disk"
+
+    def check_memory(self):
+        target = self.target
+        if not target.swap_active:
+            return
+        available = system.meminfo().get("MemAvailable", 0)
+        needed = target.swap_used + SWAPOFF_MARGIN
+        self.add("memory for swapoff", available >= needed,
+                 "{} MiB available".format(available // MIB),
+                 "{} MiB (swap in use + {} MiB)".format(needed // MIB, SWAPOFF_MARGIN // MIB),
+                 "stop services to free memory, then run again" if available < needed else "")
+
+    def check_tools(self):
+        tools = list(TOOLS)
+        manifest = self.target.manifest
+        if manifest is not None and any(s.compression == "zstd" for s in manifest.streams):
+            tools.append(("zstd", "zstd"))
+        missing = [(name, package) for name, package in tools if not which(name)]
+        self.add("tools", not missing,
+                 "missing: " + ", ".join(name for name, _ in missing) if missing else
+                 "all present", "",
+                 "install: " + "; ".join("{} from {}".format(n, p) for n, p in missing)
+                 if missing else "")
+
+    def check_grub(self):
+        root = self.target.sysroot
+        grub_d = system.in_root(root, "etc/grub.d")
+        problems = []
+        if not os.path.isdir(grub_d):
+            problems.append("no /etc/grub.d")
+        mkconfig = [tool for tool in ("update-grub", "grub-mkconfig")
+                    if _in_sysroot_bin(root, tool)]
+        if not mkconfig:
+            problems.append("neither update-grub nor grub-mkconfig")
+        for tool, _ in GRUB_TOOLS:
+            if not _in_sysroot_bin(root, tool):
+                problems.append("no " + tool)
+        grubenv = system.in_root(root, "boot/grub/grubenv")
+        if not os.path.isfile(grubenv):
+            problems.append("no /boot/grub/grubenv")
+        else:
+            mount = system.mount_of(grubenv)
+            device = system.device_by_number(mount.major, mount.minor)
+            if mount.fstype in ("btrfs", "zfs") or (device is not None and (
+                    device.is_device_mapper or device.is_md)):
+                problems.append("/boot/grub is on {} {} where GRUB cannot write grubenv, so "
+                                "a one-shot boot entry is impossible".format(
+                                    mount.fstype, mount.source))
+            elif not os.access(grubenv, os.W_OK):
+                problems.append("/boot/grub/grubenv is not writable")
+        self.add("GRUB2", not problems, "; ".join(problems) or "grub.d, {}, grub-reboot, "
+                 "writable grubenv".format(mkconfig[0] if mkconfig else "?"),
+                 "GRUB2 with /etc/grub.d, update-grub, grub-reboot and a writable grubenv",
+                 "install grub-pc (legacy BIOS GRUB2)" if problems else "")
+
+    def check_layout(self):
+        target = self.target
+        if target.swap is None or target.manifest is None or target.table is None:
+            return
+        try:
+            layout = place(target.table, target.swap, target.manifest, self.reserve_bytes)
+        except PlanError as exc:
+            self.add("swap size", False, str(exc))
+            return
+        target.layout = layout
+        data = layout.flash[-1]
+        self.add("swap size", True, "{} MiB: flash-boot, flash-rootA, and {} MiB for "
+                 "flash-data".format(target.swap.size * 512 // MIB, data.size * 512 // MIB))
+        image_end = max(target.manifest.inner_image.raw_size,
+                        target.manifest.inner_image.layout.end *
+                        target.manifest.inner_image.layout.sector_size)
+        limit = layout.protected_start * 512
+        self.add("image extent", image_end <= limit,
+                 "resinOS image ends at byte {} ({} MiB)".format(image_end, image_end // MIB),
+                 "at most byte {} ({} MiB), where the flash partitions begin".format(
+                     limit, limit // MIB),
+                 "" if image_end <= limit else
+                 "the swap partition lies inside the area resinOS overwrites; stage 2 would "
+                 "overwrite the flasher it runs from")
+
+
+def _sysroot_dirs(sysroot):
+    return tuple(system.in_root(sysroot, d) for d in ("usr/sbin", "usr/bin", "sbin", "bin"))
+
+
+def _in_sysroot_bin(sysroot, tool):
+    # type: (str, str) -> bool
+    return any(os.path.exists(os.path.join(d, tool)) for d in _sysroot_dirs(sysroot))

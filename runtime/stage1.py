@@ -1,0 +1,414 @@
+"""Stage 1: from a running legacy system to a one-shot boot into the flasher.
+
+Each step is recorded in the state file as started and as done; running stage1 again
+after an interruption skips what is done and repeats the step that was under way (every
+step can be repeated). `rollback` undoes whatever the state file says was started.
+"""
+
+import os
+import shutil
+import tempfile
+import time
+
+from . import backup as backup_module
+from . import disk as disk_module
+from . import grub, log, system
+from .bundle import sha256_file
+from .errors import MigrateError
+from .manifest import MANIFEST_NAME
+from .plan import FlashPartition, Layout, PlanError, place
+from .preflight import Preflight, RefusedError
+from .run import run
+from .stage2env import ENV_NAME, render, stage2_values
+from .state import State
+from .stream import verify_device, write_stream
+
+MYPY = False
+if MYPY:  # typing is not imported at run time (Python 3.4 devices)
+    from typing import Callable, List, Optional  # noqa: F401  # novermin
+
+    from .manifest import Manifest  # noqa: F401
+
+STEPS = ("backup", "save", "swapoff", "fstab", "partition", "write:flash-boot",
+         "write:flash-rootA", "flash-data", "grub", "complete")
+FSTAB_MARK = "# disabled by resin-migrate: "
+STAGE1_LOG_ON_DATA = "resin-migrate-stage1.log"
+
+
+class Stage1Error(MigrateError):
+    """A step failed after the device was changed: `rollback` restores it."""
+
+    exit_code = 11
+
+
+class Options(object):
+    def __init__(self, sysroot="/", bundle=".", disk=None, backup_script=None, yes=False,
+                 reboot=False, confirm=None):
+        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable]) -> None
+        self.sysroot = sysroot
+        self.bundle = bundle
+        self.disk = disk
+        self.backup_script = backup_script
+        self.yes = yes
+        self.reboot = reboot
+        self.confirm = confirm
+
+
+def run_stage1(options):
+    # type: (Options) -> int
+    state = State(options.sysroot)
+    if state.exists and state.done("complete"):
+        log.log.info("stage 1 is already complete; reboot to start the flasher, or run "
+                     "'rollback' to undo it")
+        return 0
+    if state.exists and not state.done("save"):
+        # Only the backup ran: nothing on the disk changed, so start again from the checks.
+        state.retire("restarted")
+        state = State(options.sysroot)
+    resuming = state.exists
+    preflight = Preflight(options.sysroot, options.bundle, options.disk)
+    if resuming:
+        log.log.info("resuming stage 1 (done: %s)", ", ".join(state.get("done")) or "nothing")
+        manifest = _check_resumable(preflight, state)
+    else:
+        preflight.run()
+        _log_checks(preflight)
+        if not preflight.passed:
+            raise RefusedError("the checks failed (see above); nothing was changed")
+        manifest = _required(preflight.target.manifest, "manifest")
+        if options.reboot and options.sysroot != "/":
+            raise RefusedError("--reboot works only on the running system, not with --sysroot")
+        if not options.yes and not (options.confirm and options.confirm(preflight)):
+            raise RefusedError("not confirmed; nothing was changed (use --yes to skip the "
+                               "question)")
+    log.open_file(system.in_root(options.sysroot, log.LOG_PATH))
+    runner = Runner(options, state, manifest, preflight)
+    runner.run_all()
+    if options.reboot:
+        log.log.info("rebooting into the flasher")
+        run(["sync"])
+        run(["reboot"])
+    else:
+        log.log.info("stage 1 complete: reboot to start the flasher (it boots once; if it "
+                     "fails, the next boot is this system again)")
+    return 0
+
+
+def _check_resumable(preflight, state):
+    # type: (Preflight, State) -> Manifest
+    preflight.check_root()
+    preflight.check_bundle()
+    _log_checks(preflight)
+    if not preflight.passed:
+        raise RefusedError("cannot resume stage 1: the checks above failed")
+    manifest = _required(preflight.target.manifest, "manifest")
+    if manifest.inner_image.raw_sha256 != state.get("image_sha256"):
+        raise RefusedError("the bundle is not the one stage 1 started with; run 'rollback' "
+                           "first, or use the bundle recorded in {}".format(state.path))
+    return manifest
+
+
+def _required(value, what):
+    """A fact the checks found; its absence here is a bug, not a device problem."""
+    if value is None:
+        raise MigrateError("internal error: the checks did not find the {}".format(what))
+    return value
+
+
+def _log_checks(preflight):
+    # type: (Preflight) -> None
+    for check in preflight.checks:
+        mark = {True: "ok", False: "FAIL", None: "info"}[check.ok]
+        log.log.info("check %-18s %-4s %s%s", check.name, mark, check.found,
+                     "; needed: " + check.needed if check.ok is False and check.needed else "")
+        if check.ok is False and check.hint:
+            log.log.info("      %s", check.hint)
+
+
+class Runner(object):
+    def __init__(self, options, state, manifest, preflight):
+        # type: (Options, State, Manifest, Preflight) -> None
+        self.options = options
+        self.state = state
+        self.manifest = manifest
+        self.preflight = preflight
+        self.sysroot = options.sysroot
+
+    def run_all(self):
+        # type: () -> None
+        for step in STEPS:
+            if self.state.done(step):
+                continue
+            name = "step_" + step.replace(":", "_").replace("-", "_")
+            log.log.info("step %s", step)
+            self.state.mark_started(step)
+            try:
+                if step.startswith("write:"):
+                    self.step_write(step.split(":", 1)[1])
+                else:
+                    getattr(self, name)()
+            except RefusedError:
+                raise
+            except MigrateError as exc:
+                raise Stage1Error("stage 1 failed at step {}: {}\nThe device still boots its "
+                                  "own system. Run 'resin-migrate.pyz rollback' to undo stage "
+                                  "1, or run stage1 again to retry.".format(step, exc)) from exc
+            self.state.mark_done(step)
+
+    # --- steps, each safe to repeat ---------------------------------------------------
+
+    def step_backup(self):
+        target = self.preflight.target
+        table = _required(target.table, "partition table")
+        swap = _required(target.swap, "swap partition")
+        reserve = 0
+        archive = None
+        if self.options.backup_script:
+            archive = backup_module.capture(self.options.backup_script, self.state.dir)
+            reserve = os.path.getsize(archive)
+            log.log.info("backup: %s, %d bytes", archive, reserve)
+        try:
+            layout = place(table, swap, self.manifest, reserve)
+        except PlanError as exc:
+            if archive:
+                os.unlink(archive)
+            self.state.retire("refused")
+            raise RefusedError("{} The partitions were not changed.".format(exc)) from exc
+        self.state.set(backup=archive, backup_size=reserve,
+                       backup_sha256=sha256_file(archive)[1] if archive else None,
+                       layout=[flash.to_dict() for flash in layout.flash],
+                       new_extended=_partition_dict(layout.new_extended),
+                       protected_start=layout.protected_start)
+
+    def step_save(self):
+        target = self.preflight.target
+        swap = _required(target.swap, "swap partition")
+        table = _required(target.table, "partition table")
+        disk = _required(target.disk, "disk")
+        fstab_copy = self.state.file("fstab.orig")
+        if not os.path.exists(fstab_copy):
+            shutil.copy2(system.in_root(self.sysroot, "etc/fstab"), fstab_copy)
+        self.state.set(
+            disk=disk, disk_sectors=table.sectors, original_dump=disk_module.dump(disk),
+            swap={"node": swap.node, "number": swap.number, "start": swap.start,
+                  "size": swap.size, "type": swap.type,
+                  "uuid": target.swap_probe.get("UUID"),
+                  "label": target.swap_probe.get("LABEL"),
+                  "active": target.swap_active,
+                  "fstab_line": target.fstab_swap.line if target.fstab_swap else None},
+            fstab_copy=fstab_copy, image_sha256=self.manifest.inner_image.raw_sha256,
+            bundle=os.path.abspath(self.options.bundle))
+
+    def step_swapoff(self):
+        swap = self.state.get("swap")
+        for active in system.active_swaps():
+            device = system.device_of_path(active.path)
+            if device is not None and device.path == swap["node"]:
+                run(["swapoff", swap["node"]])
+        log.log.info("swap %s is off", swap["node"])
+
+    def step_fstab(self):
+        swap = self.state.get("swap")
+        line = swap["fstab_line"]
+        if line is None:
+            log.log.info("/etc/fstab does not name the swap partition; left as it is")
+            return
+        path = system.in_root(self.sysroot, "etc/fstab")
+        with open(path) as handle:
+            lines = handle.read().splitlines(True)
+        if not lines[line].startswith(FSTAB_MARK):
+            lines[line] = FSTAB_MARK + lines[line]
+            _write_atomic(path, "".join(lines))
+        log.log.info("/etc/fstab: swap line %d commented out (copy in %s)", line + 1,
+                     self.state.get("fstab_copy"))
+
+    def step_partition(self):
+        disk = self.state.get("disk")
+        layout = self.layout()
+        new_table = layout.new_table()
+        current = disk_module.read_table(disk)
+        if _same_partitions(current, new_table):
+            log.log.info("the partition table already holds the flash partitions")
+        else:
+            script = layout.script(self.state.get("original_dump"))
+            log.log.debug("sfdisk script:\n%s", script)
+            disk_module.write_script(disk, script)
+        written = disk_module.read_table(disk)
+        if not _same_partitions(written, new_table):
+            raise Stage1Error("the partition table read back from {} differs from the one "
+                              "written".format(disk))
+        disk_module.tell_kernel(disk, written)
+        for flash in layout.flash:
+            log.log.info("partition %s: %s, sectors %d-%d (%d MiB)", flash.label,
+                         system.partition_path(disk, flash.number), flash.start,
+                         flash.end - 1, flash.size * 512 >> 20)
+
+    def step_write(self, label):
+        flash = self.flash(label)
+        stream = self.manifest.stream(flash.stream)
+        device = system.partition_path(self.state.get("disk"), flash.number)
+        source = os.path.join(self.options.bundle, stream.file)
+        progress = _Progress("writing " + label)
+        write_stream(source, stream.compression, device, stream.raw_size, stream.raw_sha256,
+                     sha256=stream.sha256, size=stream.size, progress=progress)
+        verify_device(device, stream.raw_size, stream.raw_sha256,
+                      progress=_Progress("verifying " + label))
+        log.log.info("%s written and read back: sha256 %s", label, stream.raw_sha256)
+
+    def step_flash_data(self):
+        flash = self.flash("flash-data")
+        device = system.partition_path(self.state.get("disk"), flash.number)
+        run(["mkfs.ext4", "-F", "-q", "-L", "flash-data", device])
+        layout = self.layout()
+        values = stage2_values(self.manifest, layout, self.state.get("disk_sectors"),
+                               self.state.get("backup_size"), self.state.get("backup_sha256"))
+        with Mounted(device) as mountpoint:
+            shutil.copyfile(os.path.join(self.options.bundle, MANIFEST_NAME),
+                            os.path.join(mountpoint, MANIFEST_NAME))
+            _write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
+            archive = self.state.get("backup")
+            if archive:
+                copy = os.path.join(mountpoint, backup_module.BACKUP_NAME)
+                shutil.copyfile(archive, copy)
+                if sha256_file(copy)[1] != self.state.get("backup_sha256"):
+                    raise Stage1Error("{} on flash-data reads back different".format(copy))
+            self.copy_log(mountpoint)
+        log.log.info("flash-data: stage 2 inputs written on %s", device)
+
+    def step_grub(self):
+        boot = self.manifest.boot
+        device = system.partition_path(self.state.get("disk"), self.flash(boot.kernel_label).number)
+        fs_uuid = disk_module.probe(device).get("UUID")
+        if not fs_uuid:
+            raise Stage1Error("{} ({}) has no filesystem UUID".format(device, boot.kernel_label))
+        grub.arm(self.sysroot, boot, fs_uuid)
+        log.log.info("GRUB: entry %s armed for the next boot only (kernel %s on %s, "
+                     "search --fs-uuid %s)", grub.ENTRY_ID, boot.kernel, boot.kernel_label,
+                     fs_uuid)
+
+    def step_complete(self):
+        flash = self.flash("flash-data")
+        device = system.partition_path(self.state.get("disk"), flash.number)
+        with Mounted(device) as mountpoint:
+            log.log.info("stage 1 finished; log copied to flash-data")
+            self.copy_log(mountpoint)
+        archive = self.state.get("backup")
+        if archive and os.path.exists(archive):
+            os.unlink(archive)
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def layout(self):
+        # type: () -> Layout
+        swap = self.state.get("swap")
+        original = disk_module.TablePartition(swap["node"], swap["number"], swap["start"],
+                                              swap["size"], swap["type"], False)
+        table = _table_from_dump(self.state.get("disk"), self.state.get("original_dump"),
+                                 self.state.get("disk_sectors"))
+        flash = [FlashPartition(**entry) for entry in self.state.get("layout")]
+        extended = self.state.get("new_extended")
+        new_extended = disk_module.TablePartition(**extended) if extended else None
+        return Layout(table, original, flash, new_extended, self.state.get("protected_start"))
+
+    def flash(self, label):
+        # type: (str) -> FlashPartition
+        for entry in self.state.get("layout"):
+            if entry["label"] == label:
+                return FlashPartition(**entry)
+        raise Stage1Error("no flash partition {} in the recorded layout".format(label))
+
+    def copy_log(self, mountpoint):
+        # type: (str) -> None
+        path = log.file_path()
+        if path:
+            shutil.copyfile(path, os.path.join(mountpoint, STAGE1_LOG_ON_DATA))
+
+
+def _partition_dict(part):
+    if part is None:
+        return None
+    return {"node": part.node, "number": part.number, "start": part.start, "size": part.size,
+            "type_": part.type, "bootable": part.bootable}
+
+
+def _table_from_dump(disk, dump, sectors):
+    # type: (str, str, int) -> disk_module.Table
+    """The original table, from its sfdisk dump (the disk itself may hold the new one)."""
+    parts = []
+    for line in dump.splitlines():
+        node, sep, fields = line.partition(" : ")
+        if not sep:
+            continue
+        values = {}
+        for field in fields.split(","):
+            key, eq, value = field.strip().partition("=")
+            values[key] = value.strip() if eq else True
+        number = int(node.strip()[len(disk):].lstrip("p"))
+        parts.append(disk_module.TablePartition(node.strip(), number, int(values["start"]),
+                                                int(values["size"]), str(values["type"]),
+                                                "bootable" in values))
+    return disk_module.Table(disk, "dos", sectors, parts)
+
+
+def _same_partitions(a, b):
+    # type: (disk_module.Table, disk_module.Table) -> bool
+    def key(table):
+        return sorted((p.number, p.start, p.size if not p.is_extended else 0, p.type)
+                      for p in table.partitions)
+    return key(a) == key(b)
+
+
+def _write_atomic(path, text):
+    # type: (str, str) -> None
+    temporary = path + ".resin-migrate.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if os.path.exists(path):
+        shutil.copymode(path, temporary)
+    os.rename(temporary, path)
+
+
+class Mounted(object):
+    """Mount a filesystem on a temporary directory for the duration of a with block."""
+
+    def __init__(self, device, options="rw"):
+        # type: (str, str) -> None
+        self.device = device
+        self.options = options
+        self.path = ""
+
+    def __enter__(self):
+        self.path = tempfile.mkdtemp(prefix="resin-migrate-")
+        run(["mount", "-o", self.options, self.device, self.path])
+        return self.path
+
+    def __exit__(self, *exc):
+        run(["sync"])
+        run(["umount", self.path])
+        os.rmdir(self.path)
+
+
+class _Progress(object):
+    """Logs a long step's progress at a steady cadence (every 5 s) with rate and ETA."""
+
+    def __init__(self, what, every=5.0):
+        # type: (str, float) -> None
+        self.what = what
+        self.every = every
+        self.started = time.time()
+        self.last = 0.0
+
+    def __call__(self, done, total):
+        # type: (int, int) -> None
+        now = time.time()
+        if now - self.last < self.every and done < total:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0
+        log.log.info("%s: %d%% (%d of %d MiB, %.1f MiB/s, %d s left)", self.what,
+                     100 * done // max(total, 1), done >> 20, total >> 20, rate / (1 << 20),
+                     eta)

@@ -1,0 +1,84 @@
+"""The state file: which steps of stage 1 started and finished, and what they replaced.
+
+It lets `stage1` resume after an interruption, and `rollback` undo exactly what was
+done. Written atomically (temporary file, fsync, rename) after every change.
+"""
+
+import json
+import os
+import time
+
+from .system import in_root
+
+STATE_DIR = "/var/lib/resin-migrate"
+STATE_FILE = "state.json"
+
+
+class State(object):
+    def __init__(self, sysroot):
+        # type: (str) -> None
+        self.sysroot = sysroot
+        self.dir = in_root(sysroot, STATE_DIR)
+        self.path = os.path.join(self.dir, STATE_FILE)
+        self.data = {"version": 1, "started": [], "done": []}  # type: dict
+        if os.path.exists(self.path):
+            with open(self.path) as handle:
+                self.data = json.load(handle)
+
+    @property
+    def exists(self):
+        # type: () -> bool
+        return os.path.exists(self.path)
+
+    def file(self, name):
+        # type: (str) -> str
+        return os.path.join(self.dir, name)
+
+    def get(self, key, default=None):
+        return self.data.get(key, default)
+
+    def set(self, **values):
+        self.data.update(values)
+        self.save()
+
+    def started(self, step):
+        # type: (str) -> bool
+        return step in self.data["started"]
+
+    def done(self, step):
+        # type: (str) -> bool
+        return step in self.data["done"]
+
+    def mark_started(self, step):
+        # type: (str) -> None
+        if step not in self.data["started"]:
+            self.data["started"].append(step)
+        self.save()
+
+    def mark_done(self, step):
+        # type: (str) -> None
+        if step not in self.data["done"]:
+            self.data["done"].append(step)
+        self.data["updated"] = int(time.time())
+        self.save()
+
+    def save(self):
+        # type: () -> None
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir)
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as handle:
+            json.dump(self.data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, self.path)
+
+    def retire(self, reason):
+        # type: (str) -> str
+        """Move the state aside (after a rollback), keeping it for the record."""
+        self.data["retired"] = reason
+        self.save()
+        kept = self.path + "." + reason + "-" + time.strftime("%Y%m%d%H%M%S")
+        os.rename(self.path, kept)
+        return kept

@@ -1,0 +1,247 @@
+"""Facts of the running system, read from /proc, /sys and the root filesystem.
+
+Every reader takes the root directory it looks at (`sysroot`, "/" on a device), so that
+tests and `--sysroot` can point the runtime at another mounted root.
+"""
+
+import os
+import re
+import stat as stat_module
+
+from .errors import MigrateError
+
+MYPY = False
+if MYPY:  # typing is not imported at run time (Python 3.4 devices)
+    from typing import Dict, List, Optional  # noqa: F401  # novermin
+
+
+class SystemFactError(MigrateError):
+    """A fact of the system could not be read."""
+
+    exit_code = 10
+
+
+def in_root(sysroot, path):
+    # type: (str, str) -> str
+    """path (absolute, as the device sees it) under sysroot."""
+    return os.path.join(sysroot, path.lstrip("/"))
+
+
+def read_text(path, default=None):
+    # type: (str, Optional[str]) -> str
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except (IOError, OSError):
+        if default is None:
+            raise
+        return default
+
+
+def os_release(sysroot="/"):
+    # type: (str) -> Dict[str, str]
+    """/etc/os-release as a dict (empty when absent)."""
+    values = {}
+    for name in ("etc/os-release", "usr/lib/os-release"):
+        text = read_text(in_root(sysroot, name), "")
+        if text:
+            for line in text.splitlines():
+                match = re.match(r"^([A-Z_][A-Z0-9_]*)=(.*)$", line.strip())
+                if match:
+                    values[match.group(1)] = match.group(2).strip().strip("'\"")
+            break
+    return values
+
+
+def boot_mode():
+    # type: () -> str
+    """'uefi' when the kernel was started by UEFI firmware, else 'bios'."""
+    return "uefi" if os.path.isdir("/sys/firmware/efi") else "bios"
+
+
+def meminfo():
+    # type: () -> Dict[str, int]
+    """/proc/meminfo in bytes."""
+    values = {}
+    for line in read_text("/proc/meminfo").splitlines():
+        match = re.match(r"^(\w+):\s+(\d+)( kB)?$", line.strip())
+        if match:
+            values[match.group(1)] = int(match.group(2)) * (1024 if match.group(3) else 1)
+    return values
+
+
+class Swap(object):
+    """An active swap area from /proc/swaps."""
+
+    def __init__(self, path, kind, size, used):
+        # type: (str, str, int, int) -> None
+        self.path = path
+        self.kind = kind      # 'partition' or 'file'
+        self.size = size      # bytes
+        self.used = used      # bytes
+
+
+def active_swaps():
+    # type: () -> List[Swap]
+    swaps = []
+    for line in read_text("/proc/swaps", "").splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 4:
+            path = fields[0].replace("\\040", " ")
+            swaps.append(Swap(path, fields[1], int(fields[2]) * 1024, int(fields[3]) * 1024))
+    return swaps
+
+
+class FstabEntry(object):
+    """One line of /etc/fstab; `line` is its index in the file."""
+
+    def __init__(self, line, spec, target, fstype, options):
+        # type: (int, str, str, str, str) -> None
+        self.line = line
+        self.spec = spec
+        self.target = target
+        self.fstype = fstype
+        self.options = options
+
+    def names(self, uuid, label, paths):
+        # type: (Optional[str], Optional[str], List[str]) -> bool
+        """Whether this entry's spec designates a device with this UUID, LABEL or path."""
+        spec = self.spec
+        if spec.startswith("UUID="):
+            return uuid is not None and spec[5:].strip("\"").lower() == uuid.lower()
+        if spec.startswith("LABEL="):
+            return label is not None and spec[6:].strip("\"") == label
+        if spec.startswith("/dev/disk/by-uuid/"):
+            return uuid is not None and spec.rsplit("/", 1)[1].lower() == uuid.lower()
+        if spec.startswith("/dev/disk/by-label/"):
+            return label is not None and spec.rsplit("/", 1)[1] == label
+        return spec in paths
+
+
+def fstab(sysroot="/"):
+    # type: (str) -> List[FstabEntry]
+    entries = []
+    text = read_text(in_root(sysroot, "etc/fstab"), "")
+    for index, line in enumerate(text.splitlines()):
+        fields = line.split()
+        if not fields or fields[0].startswith("#") or len(fields) < 3:
+            continue
+        entries.append(FstabEntry(index, fields[0], fields[1], fields[2],
+                                  fields[3] if len(fields) > 3 else "defaults"))
+    return entries
+
+
+class Mount(object):
+    def __init__(self, major, minor, root, target, fstype, source):
+        # type: (int, int, str, str, str, str) -> None
+        self.major = major
+        self.minor = minor
+        self.root = root
+        self.target = target
+        self.fstype = fstype
+        self.source = source
+
+
+def mounts():
+    # type: () -> List[Mount]
+    """/proc/self/mountinfo, in mount order."""
+    found = []
+    for line in read_text("/proc/self/mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rest = right.split()
+        if len(fields) < 5 or len(rest) < 2:
+            continue
+        major, minor = fields[2].split(":")
+        found.append(Mount(int(major), int(minor), _unescape(fields[3]),
+                           _unescape(fields[4]), rest[0], _unescape(rest[1])))
+    return found
+
+
+def _unescape(text):
+    # type: (str) -> str
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def mount_of(path):
+    # type: (str) -> Mount
+    """The mount holding path (the last, deepest mount whose target is a prefix of it)."""
+    real = os.path.realpath(path)
+    best = None
+    for mount in mounts():
+        target = mount.target.rstrip("/") or "/"
+        holds = real == target or target == "/" or real.startswith(target + "/")
+        # later mounts hide earlier ones on the same target: take the last, deepest one
+        if holds and (best is None or len(target) >= len(best.target.rstrip("/") or "/")):
+            best = mount
+    if best is None:
+        raise SystemFactError("no mount holds {} (is /proc mounted?)".format(path))
+    return best
+
+
+class BlockDevice(object):
+    """A block device as sysfs describes it."""
+
+    def __init__(self, name):
+        # type: (str) -> None
+        self.name = name              # e.g. sda5, loop3p5, nvme0n1p2
+        self.sys = os.path.realpath(os.path.join("/sys/class/block", name))
+
+    @property
+    def path(self):
+        # type: () -> str
+        return "/dev/" + self.name
+
+    @property
+    def is_partition(self):
+        # type: () -> bool
+        return os.path.exists(os.path.join(self.sys, "partition"))
+
+    @property
+    def number(self):
+        # type: () -> int
+        return int(read_text(os.path.join(self.sys, "partition")).strip())
+
+    @property
+    def disk(self):
+        # type: () -> BlockDevice
+        """The whole disk this partition belongs to (itself for a disk)."""
+        if not self.is_partition:
+            return self
+        return BlockDevice(os.path.basename(os.path.dirname(self.sys)))
+
+    @property
+    def is_device_mapper(self):
+        # type: () -> bool
+        return self.name.startswith("dm-") or os.path.isdir(os.path.join(self.sys, "dm"))
+
+    @property
+    def is_md(self):
+        # type: () -> bool
+        return self.name.startswith("md")
+
+
+def device_by_number(major, minor):
+    # type: (int, int) -> Optional[BlockDevice]
+    link = "/sys/dev/block/{}:{}".format(major, minor)
+    if not os.path.exists(link):
+        return None
+    return BlockDevice(os.path.basename(os.path.realpath(link)))
+
+
+def device_of_path(path):
+    # type: (str) -> Optional[BlockDevice]
+    """The block device a /dev path (or symlink to one) designates."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    if not stat_module.S_ISBLK(stat.st_mode):
+        return None
+    return device_by_number(os.major(stat.st_rdev), os.minor(stat.st_rdev))
+
+
+def partition_path(disk, number):
+    # type: (str, int) -> str
+    """/dev/sda + 5 -> /dev/sda5; /dev/loop3 or /dev/nvme0n1 + 5 -> ...p5."""
+    return "{}{}{}".format(disk, "p" if disk[-1].isdigit() else "", number)
