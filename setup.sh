@@ -12,6 +12,8 @@ SYSTEM_PACKAGES=(
     gzip zstd xz-utils
     # input detection (python-magic) and the pyparted build
     file libmagic1 libparted-dev pkg-config gcc python3-dev python3-venv
+    # the test rig: a legacy Debian root filesystem for loop-device tests
+    debootstrap
     # checks
     shellcheck
 )

@@ -17,8 +17,10 @@ if MYPY:  # typing is not imported at run time (Python 3.4 devices)
 log = logging.getLogger("resin-migrate")
 
 # Tools run with a predictable locale and PATH, whatever the caller's shell had.
+# RESIN_MIGRATE_PATH replaces that PATH (tests use it to take a tool away).
 _BASE_ENV = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "PATH": os.environ.get("RESIN_MIGRATE_PATH",
+                           "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
     "LC_ALL": "C",
     "LANG": "C",
 }

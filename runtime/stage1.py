@@ -7,6 +7,7 @@ step can be repeated). `rollback` undoes whatever the state file says was starte
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 
@@ -154,6 +155,9 @@ class Runner(object):
                                   "own system. Run 'resin-migrate.pyz rollback' to undo stage "
                                   "1, or run stage1 again to retry.".format(step, exc)) from exc
             self.state.mark_done(step)
+            if os.environ.get("RESIN_MIGRATE_KILL_AFTER") == step:
+                # fault injection for the tests: die as a power cut or `kill -9` would
+                os.kill(os.getpid(), signal.SIGKILL)
 
     # --- steps, each safe to repeat ---------------------------------------------------
 

@@ -42,3 +42,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if IN_CI:
             pytest.fail(f"CI=true and this {marker} test cannot run: {reason}", pytrace=False)
         pytest.skip(f"{marker} test skipped: {reason}")
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle built from the synthetic flasher with the test config.json, once a session."""
+    from builder.progress import Progress
+    from builder.repack import BuildOptions, build
+    from tests.synthetic import cached_flasher
+
+    out = tmp_path_factory.mktemp("bundle") / "nuc"
+    config = Path(__file__).resolve().parent / "data" / "config.json"
+    build(BuildOptions(image=cached_flasher(), out=out, config=config), Progress(quiet=True))
+    return out

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 import stat
 import tempfile
 import time
@@ -64,6 +65,7 @@ __all__ = [
     "SWAPFILE_MIB",
     "appdata_files",
     "partitions",
+    "spec_of_image",
     "sfdisk_script",
     "fstab_text",
     "make_legacy_image",
@@ -306,6 +308,23 @@ class LegacyDevice:
         return None if n is None else self.partition(n)
 
 
+def spec_of_image(image: Path) -> LegacySpec:
+    """The spec of a legacy image as far as its partition table tells: placement, disk,
+    root and swap sizes, swap partition or not; the other fields are the defaults."""
+    table = json.loads(run(["sfdisk", "--json", image]).stdout)["partitiontable"]
+    parts = {int(re.sub(r"^.*?(\d+)$", r"\1", p["node"])): p for p in table["partitions"]}
+    disk_mib = Path(image).stat().st_size // MiB if Path(image).is_file() else 0
+    if not disk_mib:
+        disk_mib = int(run(["blockdev", "--getsize64", image]).stdout) // MiB
+    root_mib = parts[1]["size"] // _MIB_SECTORS if 1 in parts else 0
+    swaps = [n for n, p in parts.items() if p["type"] == "82"]
+    if not swaps:
+        return LegacySpec(disk_mib=disk_mib, with_swap_partition=False)
+    placement = SwapPlacement.PRIMARY if swaps[0] < 5 else SwapPlacement.LOGICAL
+    swap_mib = parts[swaps[0]]["size"] // _MIB_SECTORS
+    return LegacySpec(placement, disk_mib=disk_mib, root_mib=root_mib, swap_mib=swap_mib)
+
+
 def _wait_for_nodes(nodes: list[str], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -349,29 +368,40 @@ def _partx_gone(device: str) -> bool:
 def attached(
     image: Path, spec: LegacySpec | None = None, *, read_only: bool = False
 ) -> Iterator[LegacyDevice]:
-    """Attach image to a free loop device and add its partitions (partx); always
-    removes the partitions and detaches on the way out."""
+    """Attach image to a free loop device and add its partitions (partx -a); always
+    removes the partitions (partx -d: all the kernel knows, also those the body added
+    or deleted with BLKPG) and detaches on the way out.
+
+    spec: what the image was built from; when omitted, spec_of_image(image).
+    """
     image = Path(image)
+    if spec is None:
+        spec = spec_of_image(image)
     argv = ["losetup", "-f", "--show"] + (["-r"] if read_only else []) + [str(image)]
     device = run(argv).stdout.strip()
     try:
         run(["partx", "-a", device])
         numbers = run(["partx", "-g", "-o", "NR", device]).stdout.split()
         _wait_for_nodes([f"{device}p{n}" for n in numbers])
-        yield LegacyDevice(image=image, device=device, spec=spec or LegacySpec())
+        yield LegacyDevice(image=image, device=device, spec=spec)
     finally:
         _detach(device)
 
 
 @contextlib.contextmanager
-def mounted_root(device: LegacyDevice, *, read_only: bool = False) -> Iterator[Path]:
+def mounted_root(device: LegacyDevice, *, read_only: bool = False,
+                 options: tuple[str, ...] = ()) -> Iterator[Path]:
     """Mount the root partition (p1) on a new temporary directory and yield it; always
     unmounts it and everything mounted below it (binds a test or the runtime made),
-    lazily when busy, and removes the directory."""
+    lazily when busy, and removes the directory.
+
+    options: extra mount options, e.g. ("noatime", "noinit_itable") so that only what
+    the code under test writes changes the disk's bytes."""
     mountpoint = Path(tempfile.mkdtemp(prefix="legacy-sysroot-"))
     try:
-        options = ["-o", "ro"] if read_only else []
-        run(["mount", "-t", "ext4", *options, device.root, mountpoint])
+        flags = (["ro"] if read_only else []) + list(options)
+        options_argv = ["-o", ",".join(flags)] if flags else []
+        run(["mount", "-t", "ext4", *options_argv, device.root, mountpoint])
         yield mountpoint
     finally:
         try:

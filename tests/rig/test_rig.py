@@ -32,6 +32,7 @@ from tests.rig.legacy import (
     mounted_root,
     partitions,
     sfdisk_script,
+    spec_of_image,
 )
 
 PRIMARY = LegacySpec()
@@ -354,3 +355,24 @@ def test_cleanup_of_a_clean_run(tmp_path: Path) -> None:
         assert not sysroot.exists()
     assert loops_of(image) == ""
     assert mounts_mentioning(str(sysroot), dev.device + "p") == []
+
+
+@pytest.mark.loop
+@pytest.mark.parametrize(
+    "spec", [PRIMARY, LOGICAL, SWAPFILE], ids=["primary", "logical", "swapfile"]
+)
+def test_spec_read_back_from_the_table(spec: LegacySpec) -> None:
+    assert spec_of_image(cached_legacy_image(spec)) == spec
+
+
+@pytest.mark.loop
+def test_cleanup_after_the_body_repartitions(tmp_path: Path) -> None:
+    """The runtime repartitions with BLKPG: partitions gone or added in the kernel only."""
+    image = copy_legacy_image(LOGICAL, tmp_path / "disk.img")
+    with attached(image) as dev:  # spec read from the table
+        assert dev.spec == LOGICAL and dev.swap == dev.partition(5)
+        sh("delpart", dev.device, 5)
+        sh("addpart", dev.device, 6, 2700 * 2048, 2048)
+        sh("addpart", dev.device, 7, 2800 * 2048, 2048)
+        assert Path(dev.partition(7)).exists() and not Path(dev.partition(5)).exists()
+    assert loops_of(image) == ""

@@ -1,0 +1,385 @@
+"""Stage 1 and rollback on real loop devices holding a Debian root and a swap partition.
+
+Marked `loop`: root and loop devices needed. The runtime runs as the device would run it,
+`python3 resin-migrate.pyz`, pointed at the loop disk and its mounted root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runtime.manifest import load
+from tests.rig.legacy import (
+    APPDATA_DIR,
+    LegacySpec,
+    SwapPlacement,
+    appdata_files,
+    attached,
+    copy_legacy_image,
+    mounted_root,
+)
+from tests.tools import blkid, sfdisk_json, sh
+
+pytestmark = pytest.mark.loop
+
+PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
+MOUNT_OPTIONS = ("noatime", "noinit_itable")
+# What stage 1 may change in the old root filesystem, by design: its log and state, the
+# fstab it edits, and GRUB's entry, configuration and environment.
+EXPECTED_ROOT_CHANGES = ("etc/fstab", "etc/grub.d/42_resin-migrate", "boot/grub/grub.cfg",
+                         "boot/grub/grubenv", "var/log/resin-migrate.log",
+                         "var/lib/resin-migrate")
+
+
+@dataclass
+class Device:
+    disk: str
+    sysroot: Path
+    bundle: Path
+    image: Path
+
+    def runtime(self, *args: str, env: dict[str, str] | None = None,
+                bundle: Path | None = None) -> subprocess.CompletedProcess:
+        pyz = (bundle or self.bundle) / "resin-migrate.pyz"
+        argv = [PYTHON, str(pyz), "--bundle", str(bundle or self.bundle), "--disk", self.disk,
+                "--sysroot", str(self.sysroot), *args]
+        return subprocess.run(argv, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=600)
+
+    def partition(self, number: int) -> str:
+        return f"{self.disk}p{number}"
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest, tmp_path: Path,
+           synthetic_bundle: Path) -> Iterator[Device]:
+    spec = getattr(request, "param", LegacySpec())
+    image = copy_legacy_image(spec, tmp_path / "disk.img")
+    with attached(image, spec) as dev, mounted_root(dev, options=MOUNT_OPTIONS) as sysroot:
+        yield Device(disk=dev.device, sysroot=sysroot, bundle=synthetic_bundle, image=image)
+
+
+def backup_script(device: Device, tmp_path: Path) -> Path:
+    script = tmp_path / "backup.sh"
+    script.write_text(f'#!/bin/sh\nset -e\ncp -a "{device.sysroot / APPDATA_DIR}/." "$1/"\n')
+    script.chmod(0o755)
+    return script
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = EXPECTED_ROOT_CHANGES) -> dict[str, str]:
+    """Every file, link and directory under root (content, mode, owner), minus skip."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if rel.startswith(("proc/", "sys/", "dev/")) or any(
+                rel == s or rel.startswith(s + "/") for s in skip):
+            continue
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode):
+            payload = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif stat.S_ISLNK(info.st_mode):
+            payload = os.readlink(path)
+        else:
+            payload = ""
+        found[rel] = f"{info.st_mode:o} {info.st_uid}:{info.st_gid} {payload}"
+    return found
+
+
+def read_device(path: str, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(size)
+
+
+def stream_bytes(bundle: Path, name: str) -> bytes:
+    return subprocess.run(["gzip", "-dc", str(bundle / name)], capture_output=True,
+                          check=True).stdout
+
+
+def sfdisk_dump(disk: str) -> str:
+    return sh("sfdisk", "-d", disk).stdout.decode()
+
+
+def next_entry(sysroot: Path) -> str | None:
+    out = sh("chroot", sysroot, "grub-editenv", "/boot/grub/grubenv", "list").stdout.decode()
+    for line in out.splitlines():
+        if line.startswith("next_entry="):
+            return line.split("=", 1)[1]
+    return None
+
+
+LAYOUTS = [LegacySpec(placement=SwapPlacement.PRIMARY),
+           LegacySpec(placement=SwapPlacement.LOGICAL)]
+
+
+@pytest.mark.parametrize("device", LAYOUTS, indirect=True, ids=["primary", "logical"])
+def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
+    manifest = load(str(device.bundle))
+    before_dump = sfdisk_dump(device.disk)
+    before_table = sfdisk_json(Path(device.disk))
+    before_tree = tree_digest(device.sysroot)
+    fstab_before = (device.sysroot / "etc/fstab").read_text()
+    swap_number = 2 if "p2" in [p["node"][-2:] for p in before_table["partitions"]
+                                if p["type"] == "82"] else 5
+    swap = next(p for p in before_table["partitions"] if p["type"] == "82")
+    swap_probe = blkid(Path(device.partition(swap_number)))
+
+    checked = device.runtime("check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    planned = device.runtime("plan")
+    assert planned.returncode == 0 and "flash-rootA" in planned.stdout, planned.stderr
+
+    result = device.runtime("stage1", "--yes", "--backup-script",
+                            str(backup_script(device, tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # the table, read back by sfdisk: root untouched, flash partitions in the swap extent
+    after = sfdisk_json(Path(device.disk))
+    parts = {int(p["node"][len(device.disk) + 1:]): p for p in after["partitions"]}
+    root_before = before_table["partitions"][0]
+    assert (parts[1]["start"], parts[1]["size"]) == (root_before["start"], root_before["size"])
+    numbers = [2, 3, 4] if swap_number == 2 else [5, 6, 7]
+    assert [parts[n]["type"] for n in numbers] == ["e", "83", "83"]
+    assert parts[numbers[0]]["start"] == swap["start"]
+    assert parts[numbers[2]]["start"] + parts[numbers[2]]["size"] == swap["start"] + swap["size"]
+    labels = [blkid(Path(device.partition(n))) for n in numbers]
+    assert [(found["LABEL"], found["TYPE"]) for found in labels] == [
+        ("flash-boot", "vfat"), ("flash-rootA", "ext4"), ("flash-data", "ext4")]
+    for number, label in zip(numbers[:2], ("flash-boot", "flash-rootA")):
+        part = manifest.partition(label)
+        stream = manifest.stream(part.stream)
+        assert parts[number]["size"] * 512 >= part.size
+        assert read_device(device.partition(number), stream.raw_size) == \
+            stream_bytes(device.bundle, stream.file)
+    assert sh("e2fsck", "-fn", device.partition(numbers[1]), check=False).returncode == 0
+
+    # the old root: the same files but for stage 1's own, an fstab without active swap,
+    # and a GRUB entry for the next boot only
+    assert tree_digest(device.sysroot) == before_tree
+    fstab = (device.sysroot / "etc/fstab").read_text()
+    mark = "# disabled by resin-migrate: "
+    swap_lines = [line for line in fstab.splitlines()
+                  if len(line.removeprefix(mark).split()) > 2
+                  and line.removeprefix(mark).split()[2] == "swap"]
+    assert len(swap_lines) == 1 and swap_lines[0].startswith(mark)
+    entry = (device.sysroot / "etc/grub.d/42_resin-migrate").read_text()
+    assert f"search --no-floppy --fs-uuid --set=root {labels[0]['UUID']}" in entry
+    assert "linux /vmlinuz root=LABEL=flash-rootA rootwait" in entry
+    assert "--id resin-migrate-flasher" in (device.sysroot / "boot/grub/grub.cfg").read_text()
+    assert next_entry(device.sysroot) == "resin-migrate-flasher"
+
+    # flash-data: the stage 2 inputs, the backup, the log
+    mount = tmp_path / "data"
+    mount.mkdir()
+    sh("mount", "-o", "ro", device.partition(numbers[2]), mount)
+    try:
+        assert (mount / "manifest.json").read_bytes() == \
+            (device.bundle / "manifest.json").read_bytes()
+        env = (mount / "stage2.env").read_text()
+        assert f"RM_IMAGE_SHA256='{manifest.inner_image.sha256}'" in env
+        # the first sector stage 2 must not write: the flash area, or for logical
+        # partitions the extended boot record before them
+        protected = swap["start"] if swap_number == 2 else before_table["partitions"][1]["start"]
+        assert f"RM_FLASH_START='{protected}'" in env
+        with tarfile.open(mount / "backup.tgz") as tar:
+            names = {member.name: member for member in tar.getmembers()}
+            for rel, data in appdata_files().items():
+                extracted = tar.extractfile(names[rel])
+                assert extracted is not None and extracted.read() == data
+        assert "stage 1 finished" in (mount / "resin-migrate-stage1.log").read_text()
+    finally:
+        sh("umount", mount)
+
+    status = device.runtime("status")
+    assert "stage 1 complete" in status.stdout
+
+    rolled = device.runtime("rollback")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert sfdisk_dump(device.disk) == before_dump
+    restored = blkid(Path(device.partition(swap_number)))
+    assert (restored["TYPE"], restored["UUID"], restored.get("LABEL")) == (
+        "swap", swap_probe["UUID"], swap_probe.get("LABEL"))
+    assert (device.sysroot / "etc/fstab").read_text() == fstab_before
+    assert not (device.sysroot / "etc/grub.d/42_resin-migrate").exists()
+    assert "resin-migrate-flasher" not in (device.sysroot / "boot/grub/grub.cfg").read_text()
+    assert next_entry(device.sysroot) is None
+    assert tree_digest(device.sysroot) == before_tree
+
+
+@pytest.mark.parametrize("device", LAYOUTS, indirect=True, ids=["primary", "logical"])
+@pytest.mark.parametrize("killed_after", ["partition", "write:flash-boot", "grub"])
+def test_interrupted_stage1_rolls_back(device: Device, killed_after: str) -> None:
+    before_dump = sfdisk_dump(device.disk)
+    swap_probe = next(blkid(Path(device.partition(n))) for n in (2, 5)
+                      if Path(device.partition(n)).exists()
+                      and blkid(Path(device.partition(n))).get("TYPE") == "swap")
+    killed = device.runtime("stage1", "--yes", env={"RESIN_MIGRATE_KILL_AFTER": killed_after})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert sfdisk_dump(device.disk) != before_dump
+    status = device.runtime("status")
+    assert "interrupted after" in status.stdout and killed_after in status.stdout
+    rolled = device.runtime("rollback")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert sfdisk_dump(device.disk) == before_dump
+    swap = next(blkid(Path(device.partition(n))) for n in (2, 5)
+                if Path(device.partition(n)).exists()
+                and blkid(Path(device.partition(n))).get("TYPE") == "swap")
+    assert swap["UUID"] == swap_probe["UUID"]
+    assert next_entry(device.sysroot) is None
+
+
+def test_interrupted_stage1_resumes(device: Device) -> None:
+    killed = device.runtime("stage1", "--yes",
+                            env={"RESIN_MIGRATE_KILL_AFTER": "write:flash-boot"})
+    assert killed.returncode == -9
+    resumed = device.runtime("stage1", "--yes")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming stage 1" in resumed.stderr + resumed.stdout
+    manifest = load(str(device.bundle))
+    stream = manifest.stream("flash-rootA.gz")
+    assert read_device(device.partition(3), stream.raw_size) == \
+        stream_bytes(device.bundle, stream.file)
+    assert next_entry(device.sysroot) == "resin-migrate-flasher"
+
+
+def disk_digest(device: Device) -> str:
+    subprocess.run(["sync"], check=True)
+    digest = hashlib.sha256()
+    with open(device.disk, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_bundle(device: Device, tmp_path: Path) -> Path:
+    copy = tmp_path / "bundle"
+    shutil.copytree(device.bundle, copy)
+    return copy
+
+
+def _flip_stream_byte(device: Device, tmp_path: Path) -> dict:
+    copy = _copy_bundle(device, tmp_path)
+    stream = copy / "flash-rootA.gz"
+    data = bytearray(stream.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    stream.write_bytes(bytes(data))
+    return {"bundle": copy}
+
+
+def _shell_in_label(device: Device, tmp_path: Path) -> dict:
+    copy = _copy_bundle(device, tmp_path)
+    manifest = (copy / "manifest.json").read_text()
+    (copy / "manifest.json").write_text(manifest.replace('"label": "flash-data"',
+                                                         '"label": "flash-data;reboot"'))
+    return {"bundle": copy}
+
+
+def _without_tool(device: Device, tmp_path: Path) -> dict:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for directory in ("/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        for entry in Path(directory).iterdir():
+            if entry.name != "partx" and not (tools / entry.name).exists():
+                (tools / entry.name).symlink_to(entry)
+    return {"env": {"RESIN_MIGRATE_PATH": str(tools)}}
+
+
+def _as_nobody(device: Device, tmp_path: Path) -> dict:
+    # pytest's own temporary directories are private to root: copy where nobody can read
+    public = Path(tempfile.mkdtemp(prefix="resin-migrate-nobody-"))
+    public.chmod(0o755)
+    copy = public / "bundle"
+    shutil.copytree(device.bundle, copy)
+    return {"bundle": copy, "cleanup": public,
+            "prefix": ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]}
+
+
+def _nothing(device: Device, tmp_path: Path) -> dict:
+    return {}
+
+
+@pytest.mark.parametrize(("device", "prepare", "message"), [
+    (LegacySpec(), _as_nobody, "running as uid 65534"),
+    (LegacySpec(with_swap_partition=False), _nothing, "swap is a file (/swapfile)"),
+    (LegacySpec(swap_mib=128), _nothing, "holds 128 MiB; the flasher's partitions need"),
+    (LegacySpec(), _flip_stream_byte, "flash-rootA.gz: sha256"),
+    (LegacySpec(), _shell_in_label, "'flash-data;reboot' does not match"),
+    (LegacySpec(), _without_tool, "missing: partx"),
+], indirect=["device"], ids=["not-root", "swap-file", "swap-too-small", "corrupt-stream",
+                             "shell-in-label", "missing-tool"])
+def test_refusals_change_nothing(device: Device, tmp_path: Path, prepare, message) -> None:
+    extra = prepare(device, tmp_path)
+    try:
+        _refused_twice(device, extra, message)
+    finally:
+        if "cleanup" in extra:
+            shutil.rmtree(extra["cleanup"])
+
+
+def _refused_twice(device: Device, extra: dict, message: str) -> None:
+    """check and stage1 both refuse with the message, and the disk's bytes stay the same."""
+    before = disk_digest(device)
+    bundle = extra.get("bundle", device.bundle)
+    for command in (["check"], ["stage1", "--yes"]):
+        argv = [PYTHON, str(bundle / "resin-migrate.pyz"), "--bundle", str(bundle), "--disk",
+                device.disk, "--sysroot", str(device.sysroot), *command]
+        result = subprocess.run([*extra.get("prefix", []), *argv], capture_output=True,
+                                text=True, env={**os.environ, **extra.get("env", {})})
+        output = result.stdout + result.stderr
+        assert result.returncode == 10, output
+        assert message in output
+        assert "Traceback" not in output
+    assert disk_digest(device) == before
+
+
+def _gpt_copy(tmp_path: Path) -> Path:
+    image = copy_legacy_image(LegacySpec(), tmp_path / "disk.img")
+    dump = subprocess.run(["sfdisk", "-d", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+    lines = [line for line in dump.splitlines() if " : " in line]
+    script = "label: gpt\n" + "\n".join(
+        line.replace("type=83", "type=0FC63DAF-8483-4772-8E79-3D69D8477DE4")
+            .replace("type=82", "type=0657FD6D-A4AB-43C4-84E5-0933C84B4F4F")
+            .replace(", bootable", "") for line in lines) + "\n"
+    subprocess.run(["sfdisk", "-q", str(image)], input=script.encode(), check=True)
+    return image
+
+
+def test_gpt_disk_is_refused_and_unchanged(tmp_path: Path, synthetic_bundle: Path) -> None:
+    image = _gpt_copy(tmp_path)
+    with attached(image, LegacySpec()) as dev, \
+            mounted_root(dev, options=MOUNT_OPTIONS) as sysroot:
+        device = Device(dev.device, sysroot, synthetic_bundle, image)
+        before = disk_digest(device)
+        result = device.runtime("check")
+        assert result.returncode == 10
+        assert "partition table" in result.stdout and "gpt" in result.stdout
+        assert disk_digest(device) == before
+
+
+def test_no_swap_partition_is_refused(tmp_path: Path, synthetic_bundle: Path) -> None:
+    image = copy_legacy_image(LegacySpec(), tmp_path / "disk.img")
+    subprocess.run(["sfdisk", "-q", "--part-type", str(image), "2", "83"], check=True)
+    table = sfdisk_json(image)["partitions"][1]
+    with image.open("r+b") as handle:   # wipe the swap signature
+        handle.seek(table["start"] * 512)
+        handle.write(bytes(1 << 20))
+    with attached(image, LegacySpec()) as dev, \
+            mounted_root(dev, options=MOUNT_OPTIONS) as sysroot:
+        device = Device(dev.device, sysroot, synthetic_bundle, image)
+        before = disk_digest(device)
+        result = device.runtime("check")
+        assert result.returncode == 10
+        assert "no swap partition on the disk" in result.stdout
+        assert disk_digest(device) == before
+
