@@ -155,6 +155,7 @@ class Runner(object):
                                   "own system. Run 'resin-migrate.pyz rollback' to undo stage "
                                   "1, or run stage1 again to retry.".format(step, exc)) from exc
             self.state.mark_done(step)
+            log.log.debug("step %s done (peak memory so far: %s)", step, _peak_memory())
             if os.environ.get("RESIN_MIGRATE_KILL_AFTER") == step:
                 # fault injection for the tests: die as a power cut or `kill -9` would
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -294,7 +295,8 @@ class Runner(object):
         flash = self.flash("flash-data")
         device = system.partition_path(self.state.get("disk"), flash.number)
         with Mounted(device) as mountpoint:
-            log.log.info("stage 1 finished; log copied to flash-data")
+            log.log.info("stage 1 finished (peak memory of this process: %s); log copied to "
+                         "flash-data", _peak_memory())
             self.copy_log(mountpoint)
         archive = self.state.get("backup")
         if archive and os.path.exists(archive):
@@ -326,6 +328,19 @@ class Runner(object):
         path = log.file_path()
         if path:
             shutil.copyfile(path, os.path.join(mountpoint, STAGE1_LOG_ON_DATA))
+
+
+def _peak_memory():
+    # type: () -> str
+    """This program's peak resident memory (the device may have little RAM and no swap).
+
+    VmHWM, not getrusage's ru_maxrss: the latter also counts what the parent process held
+    before it started this program.
+    """
+    for line in system.read_text("/proc/self/status", "").splitlines():
+        if line.startswith("VmHWM:"):
+            return "{} KiB".format(line.split()[1])
+    return "unknown"
 
 
 def _partition_dict(part):

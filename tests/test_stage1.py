@@ -383,3 +383,51 @@ def test_no_swap_partition_is_refused(tmp_path: Path, synthetic_bundle: Path) ->
         assert "no swap partition on the disk" in result.stdout
         assert disk_digest(device) == before
 
+
+
+def test_stage1_memory_stays_small_with_a_1gib_stream(tmp_path: Path,
+                                                      synthetic_bundle: Path) -> None:
+    """Peak RSS of stage 1 while it writes and verifies a 1 GiB flash-rootA stream: a device
+    may have 512 MiB of RAM and, after swapoff, no swap. A bound, not a timing."""
+    import json
+    import random
+    from runtime.manifest import dumps, loads
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(synthetic_bundle, bundle)
+    raw = tmp_path / "rootA.img"
+    rng = random.Random(7)
+    with raw.open("wb") as handle:
+        handle.truncate(1 << 30)
+        for offset in range(0, 1 << 30, 64 << 20):    # 1 MiB of noise every 64 MiB
+            handle.seek(offset)
+            handle.write(rng.randbytes(1 << 20))
+    with (bundle / "flash-rootA.gz").open("wb") as out:
+        subprocess.run(["gzip", "-1", "-c", str(raw)], stdout=out, check=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    def digest(path: Path) -> str:
+        return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True,
+                              check=True).stdout.split()[0]
+
+    for stream in manifest["streams"]:
+        if stream["file"] == "flash-rootA.gz":
+            stream.update(size=(bundle / "flash-rootA.gz").stat().st_size,
+                          sha256=digest(bundle / "flash-rootA.gz"),
+                          raw_size=1 << 30, raw_sha256=digest(raw))
+    for part in manifest["partitions"]:
+        if part["label"] == "flash-rootA":
+            part["size"] = 1 << 30
+    (bundle / "manifest.json").write_bytes(dumps(loads(json.dumps(manifest).encode())))
+    raw.unlink()
+
+    spec = LegacySpec(swap_mib=1280)
+    image = copy_legacy_image(spec, tmp_path / "disk.img")
+    with attached(image, spec) as dev, mounted_root(dev, options=MOUNT_OPTIONS) as sysroot:
+        device = Device(dev.device, sysroot, bundle, image)
+        result = device.runtime("stage1", "--yes")
+        assert result.returncode == 0, result.stdout + result.stderr
+        log_text = (sysroot / "var/log/resin-migrate.log").read_text()
+    peak = [line for line in log_text.splitlines() if "peak memory of this process" in line]
+    kib = int(peak[-1].split("peak memory of this process: ")[1].split(" KiB")[0])
+    print(f"\nstage1 peak RSS writing and verifying a 1 GiB stream: {kib / 1024:.1f} MiB")
+    assert kib < 64 * 1024
