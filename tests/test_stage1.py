@@ -391,6 +391,7 @@ def test_stage1_memory_stays_small_with_a_1gib_stream(tmp_path: Path,
     may have 512 MiB of RAM and, after swapoff, no swap. A bound, not a timing."""
     import json
     import random
+
     from runtime.manifest import dumps, loads
 
     bundle = tmp_path / "bundle"
