@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import __version__
+from runtime.layout import Partition
 from runtime.manifest import (
     COMPRESSIONS,
     FILE_PATTERN,
@@ -250,6 +251,8 @@ def _compress_inner(rootfs: Ext4Image, inner: Entry, inner_path: str, compressio
     rootfs.dump(inner_path, raw_copy)
     inner_layout = read_layout(raw_copy)
     check_labels(inner_layout, resinos_ref, f"{image_name}:{inner_path}", "a resinOS image")
+    data_free = _free_bytes(raw_copy, inner_layout.by_label(resinos_ref.roles["data_label"]),
+                            inner_layout.sector_size, work, progress)
     packed = compress_file(raw_copy, work / (inner.name + SUFFIX[compression]), compression,
                            progress, "compressing the resinOS image")
     raw_copy.unlink()
@@ -259,8 +262,21 @@ def _compress_inner(rootfs: Ext4Image, inner: Entry, inner_path: str, compressio
     rootfs.put_file(packed.path, packed_path, inner.mode & 0o7777, inner.uid, inner.gid, mtime)
     image = InnerImage(path=packed_path, original_path=inner_path, compression=compression,
                        size=packed.size, sha256=packed.sha256, raw_size=packed.raw_size,
-                       raw_sha256=packed.raw_sha256, layout=inner_layout)
+                       raw_sha256=packed.raw_sha256, layout=inner_layout, data_free=data_free)
     return image, packed
+
+
+def _free_bytes(image: Path, part: Partition, sector_size: int, work: Path,
+                progress: Progress) -> int:
+    """Free space of the ext4 filesystem in one partition of image."""
+    copy = work / f"{part.label}.img"
+    extract_range(image, part.start * sector_size, part.size * sector_size, copy, progress,
+                  f"reading {part.label}")
+    try:
+        fields = Ext4Image(copy, epoch=0, name=part.label or "partition").superblock()
+        return int(fields["Free blocks"]) * int(fields["Block size"])
+    finally:
+        copy.unlink()
 
 
 def _finish_rootfs(rootfs: Ext4Image, roles: dict, inner: InnerImage, packed: Compressed,

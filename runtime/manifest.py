@@ -192,6 +192,7 @@ class InnerImage(Record):
         ("raw_size", _count),
         ("raw_sha256", _text(SHA256_PATTERN)),
         ("layout", _layout),
+        ("data_free", _count),     # bytes free in its resin-data: room for the backup
     )
 
 

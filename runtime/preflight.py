@@ -36,6 +36,8 @@ TOOLS = (
 GRUB_TOOLS = (("grub-reboot", "grub2-common (grub-common on older releases)"),
               ("grub-editenv", "grub2-common (grub-common on older releases)"))
 SWAPOFF_MARGIN = 64 * MIB
+# Free space kept in resin-data beyond the backup (directory blocks, journal slack).
+BACKUP_MARGIN = 4 * MIB
 SUPPORTED_OS = ("debian", "ubuntu")
 
 
@@ -285,6 +287,8 @@ class Preflight(object):
         data = layout.flash[-1]
         self.add("swap size", True, "{} MiB: flash-boot, flash-rootA, and {} MiB for "
                  "flash-data".format(target.swap.size * 512 // MIB, data.size * 512 // MIB))
+        self.add("backup room", None, "backup.tgz up to {} MiB (free in the image's "
+                 "resin-data)".format(backup_room(target.manifest) // MIB))
         image_end = max(target.manifest.inner_image.raw_size,
                         target.manifest.inner_image.layout.end *
                         target.manifest.inner_image.layout.sector_size)
@@ -296,6 +300,12 @@ class Preflight(object):
                  "" if image_end <= limit else
                  "the swap partition lies inside the area resinOS overwrites; stage 2 would "
                  "overwrite the flasher it runs from")
+
+
+def backup_room(manifest):
+    # type: (Manifest) -> int
+    """The largest backup.tgz stage 2 can put into the image's resin-data."""
+    return max(0, manifest.inner_image.data_free - BACKUP_MARGIN)
 
 
 def _sysroot_dirs(sysroot):

@@ -18,7 +18,7 @@ from .bundle import sha256_file
 from .errors import MigrateError
 from .manifest import MANIFEST_NAME
 from .plan import FlashPartition, Layout, PlanError, place
-from .preflight import Preflight, RefusedError
+from .preflight import Preflight, RefusedError, backup_room
 from .run import run
 from .stage2env import ENV_NAME, render, stage2_values
 from .state import State
@@ -172,6 +172,15 @@ class Runner(object):
             archive = backup_module.capture(self.options.backup_script, self.state.dir)
             reserve = os.path.getsize(archive)
             log.log.info("backup: %s, %d bytes", archive, reserve)
+            room = backup_room(self.manifest)
+            if reserve > room:
+                os.unlink(archive)
+                self.state.retire("refused")
+                raise RefusedError(
+                    "the backup is {} MiB; resin-data in the resinOS image has room for {} "
+                    "MiB (stage 2 puts backup.tgz there before resinOS first boots). Back up "
+                    "less. The partitions were not changed.".format(
+                        reserve >> 20, room >> 20))
         try:
             layout = place(table, swap, self.manifest, reserve)
         except PlanError as exc:

@@ -148,6 +148,13 @@ def test_flash_roota_holds_stage2_and_the_compressed_image(built, streams, tmp_p
     assert table["label"] == "dos"
     assert [p["start"] for p in table["partitions"]] == [
         p.start for p in inner.layout.partitions]
+    data = inner.layout.by_label("resin-data")
+    with expanded.open("rb") as src, (tmp_path / "data.img").open("wb") as dst:
+        src.seek(data.start * 512)
+        dst.write(src.read(data.size * 512))
+    fields = dict(line.split(":", 1) for line in sh("dumpe2fs", "-h", tmp_path / "data.img")
+                  .stdout.decode().splitlines() if ":" in line)
+    assert inner.data_free == int(fields["Free blocks"]) * int(fields["Block size"])
     assert [p.label for p in inner.layout.partitions] == [
         "resin-boot", "resin-rootA", "resin-rootB", None, "resin-state", "resin-data"]
 

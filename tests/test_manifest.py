@@ -44,7 +44,7 @@ def _manifest() -> Manifest:
             path="/opt/resin-image-genericx86-64.resinos-img.zst",
             original_path="/opt/resin-image-genericx86-64.resinos-img", compression="zstd",
             size=300 << 20, sha256=SHA, raw_size=1800 << 20, raw_sha256=SHA,
-            layout=ReferenceLayout.load("resinos-image").layout),
+            layout=ReferenceLayout.load("resinos-image").layout, data_free=850 << 20),
         boot=Boot(kernel_label="flash-boot", kernel="/vmlinuz", initrd=None,
                   cmdline="root=LABEL=flash-rootA rootwait"),
         flasher_decompressors=["gzip", "zstd"],

@@ -70,11 +70,16 @@ def device(request: pytest.FixtureRequest, tmp_path: Path,
         yield Device(disk=dev.device, sysroot=sysroot, bundle=synthetic_bundle, image=image)
 
 
-def backup_script(device: Device, tmp_path: Path) -> Path:
-    script = tmp_path / "backup.sh"
-    script.write_text(f'#!/bin/sh\nset -e\ncp -a "{device.sysroot / APPDATA_DIR}/." "$1/"\n')
+def backup_script_for(sysroot: Path, directory: Path) -> Path:
+    """A customer backup script: copies the device's /srv/appdata into the directory given."""
+    script = directory / "backup.sh"
+    script.write_text(f'#!/bin/sh\nset -e\ncp -a "{sysroot / APPDATA_DIR}/." "$1/"\n')
     script.chmod(0o755)
     return script
+
+
+def backup_script(device: Device, tmp_path: Path) -> Path:
+    return backup_script_for(device.sysroot, tmp_path)
 
 
 def tree_digest(root: Path, skip: tuple[str, ...] = EXPECTED_ROOT_CHANGES) -> dict[str, str]:
