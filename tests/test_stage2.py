@@ -75,7 +75,8 @@ def mounted(device: str, path: Path, options: str = "ro") -> Iterator[Path]:
         sh("umount", path)
 
 
-def run_stage2_on_host(disk: str, root: Path, work: Path) -> tuple[subprocess.CompletedProcess, Path]:
+def run_stage2_on_host(disk: str, root: Path,
+                       work: Path) -> tuple[subprocess.CompletedProcess, Path]:
     marker = work / "rebooted"
     env = {**os.environ, "RESIN_MIGRATE_DISK": disk, "RESIN_MIGRATE_ROOT": str(root),
            "RESIN_MIGRATE_REBOOT": f"touch {marker}", "RESIN_MIGRATE_WORK": str(work / "w")}
