@@ -38,6 +38,10 @@ def _run_build(image: Path, out: Path, config: str | None, network: str | None,
         result = build(options, Progress(quiet=quiet))
     except MigrateError as exc:
         raise Exit(f"build-flasher: {exc}", code=exc.exit_code) from exc
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise Exit(f"build-flasher: {exc.strerror or exc}{where}; nothing was written to --out",
+                   code=8) from exc
     except KeyboardInterrupt:
         raise Exit("build-flasher: interrupted; nothing was written to --out", code=130) from None
     elapsed = time.monotonic() - started
@@ -85,7 +89,8 @@ def build_flasher(c, image=None, out=None, config=None, network=None, compressio
     The bundle holds manifest.json, one compressed stream per partition the device needs
     (flash-boot, flash-rootA), resin-migrate.pyz and SHA256SUMS. Exit codes: 0 bundle written;
     1 a bug; 3 unreadable input; 4 not an intel-nuc flasher; 5 bad option or --out not empty;
-    6 a tool missing or failed; 7 an edit could not be verified.
+    6 a tool missing or failed; 7 an edit could not be verified; 8 a file could not be read or
+    written (disk full, permissions).
     """
     missing = [name for name, value in (("--image", image), ("--out", out)) if not value]
     if missing:

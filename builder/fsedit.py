@@ -115,7 +115,7 @@ class Ext4Image:
         return int(match.group(1), 16)
 
     def dump(self, path: str, dest: Path) -> None:
-        self.debugfs(f"dump {path} {dest}")
+        self.debugfs(f'dump {path} "{dest}"')
         found = self.entry(path)
         if found is None or not dest.is_file() or dest.stat().st_size != found.size:
             raise VerifyError(f"{self.name}: reading {path} out of the filesystem gave "
@@ -136,7 +136,7 @@ class Ext4Image:
         commands = []
         if self.entry(path) is not None:
             commands.append(f"rm {path}")
-        commands.append(f"write {source} {path}")
+        commands.append(f'write "{source}" {path}')
         for field, value in (("mode", f"0{0o100000 | mode:o}"), ("uid", uid), ("gid", gid),
                              ("mtime", mtime), ("atime", mtime), ("ctime", mtime),
                              ("crtime", mtime)):

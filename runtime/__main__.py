@@ -133,12 +133,15 @@ def cmd_plan(args):
 
 
 def _ask(preflight):
-    print("\n".join(_plan_lines(preflight)))
+    """Show the plan (or, resuming, say so) and ask; never on a non-interactive stdin."""
+    if preflight is None:
+        question = "\nResume the interrupted stage 1? Type 'yes' to go on: "
+    else:
+        print("\n".join(_plan_lines(preflight)))
+        question = "\nThis repartitions {}. Type 'yes' to go on: ".format(preflight.target.disk)
     if not sys.stdin.isatty():
         return False
-    answer = input("\nThis repartitions {}. Type 'yes' to go on: ".format(
-        preflight.target.disk))
-    return answer.strip() == "yes"
+    return input(question).strip() == "yes"
 
 
 def cmd_stage1(args):

@@ -3,6 +3,7 @@ kernel told about each change with partx (BLKPG), since nothing re-reads a table
 the root filesystem on that disk is mounted.
 """
 
+import binascii
 import json
 import os
 import time
@@ -137,6 +138,35 @@ def probe(device):
     return values
 
 
+def probe_partuuid(device):
+    # type: (str) -> Optional[str]
+    return probe(device).get("PART_ENTRY_UUID")
+
+
+def devices_with_label(label):
+    # type: (str) -> List[str]
+    """Every block device whose filesystem carries label (blkid, bypassing its cache)."""
+    result = run(["blkid", "-c", "/dev/null", "-o", "device", "-t", "LABEL=" + label],
+                 ok_codes=(0, 2))
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def sfdisk_missing_features():
+    # type: () -> List[str]
+    """The sfdisk options this runtime needs that the installed sfdisk lacks."""
+    text = run(["sfdisk", "--help"], check=False).stdout
+    return [option for option in ("--json", "--no-tell-kernel") if option not in text]
+
+
+def identity(disk):
+    # type: (str) -> dict
+    """What tells this disk from another that took its name: size and MBR disk identifier."""
+    with open(disk, "rb") as handle:
+        mbr = handle.read(512)
+    return {"sectors": disk_sectors(disk),
+            "disk_id": binascii.hexlify(mbr[440:444]).decode("ascii")}
+
+
 def write_script(disk, script):
     # type: (str, str) -> None
     """Write a whole table from an sfdisk script, without asking the kernel to re-read it.
@@ -190,8 +220,9 @@ def _differs(seen, wanted, number, table):
     # type: (tuple, tuple, int, Table) -> bool
     part = table.number(number)
     if part is not None and part.is_extended:
-        # the kernel shows an extended partition as 1 KiB (2 sectors) long
-        return seen[0] != wanted[0]
+        # the kernel shows an extended partition as 1 KiB (1 or 2 sectors) long; a partition
+        # of full size at that number is something else (the swap it replaces)
+        return seen[0] != wanted[0] or seen[1] not in (1, 2)
     return seen != wanted
 
 

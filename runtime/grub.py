@@ -77,10 +77,16 @@ class Chroot(object):
         return run(["chroot", self.sysroot] + list(argv))
 
     def mkconfig(self):
-        if os.path.exists(in_root(self.sysroot, "usr/sbin/update-grub")) or \
-                os.path.exists(in_root(self.sysroot, "sbin/update-grub")):
+        if installed(self.sysroot, "update-grub"):
             return self.run(["update-grub"])
         return self.run(["grub-mkconfig", "-o", GRUB_CFG])
+
+
+def installed(sysroot, tool):
+    # type: (str, str) -> bool
+    """Whether the system at sysroot has the program tool in its sbin or bin directories."""
+    return any(os.path.exists(in_root(sysroot, os.path.join(directory, tool)))
+               for directory in ("usr/sbin", "usr/bin", "sbin", "bin"))
 
 
 def next_entry(chroot):
@@ -119,6 +125,10 @@ def disarm(sysroot):
     with Chroot(sysroot) as chroot:
         if os.path.exists(path):
             os.unlink(path)
-            chroot.mkconfig()
+        # regenerate whenever grub.cfg still has the entry (a killed run may have removed
+        # the script without regenerating)
+        with open(in_root(sysroot, GRUB_CFG)) as handle:
+            if "--id {}".format(ENTRY_ID) in handle.read():
+                chroot.mkconfig()
         if next_entry(chroot) == ENTRY_ID:
             chroot.run(["grub-editenv", GRUBENV, "unset", "next_entry"])

@@ -121,14 +121,13 @@ def place(table, swap, manifest, reserve_bytes=0):
         numbers = [swap.number + index for index in range(len(wanted))]
         first = area_start
         logical = True
-        previous = table.number(swap.number - 1) if swap.number > 5 else None
         extended = table.extended
         if extended is None:
             raise PlanError("{} is a logical partition, but the table of {} has no extended "
                             "partition".format(swap.node, table.disk))
-        # the boot record of the first new logical partition: at the extended partition's
-        # start for partition 5, else after the logical partition before it
-        protected = extended.start if previous is None else previous.end
+        # Logical partitions are reached through the chain of boot records that starts at
+        # the extended partition's first sector: all of it must survive stage 2's write.
+        protected = extended.start
     else:
         used = set(part.number for part in table.primaries if part.number != swap.number)
         free = [number for number in range(1, 5) if number not in used]

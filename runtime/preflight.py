@@ -7,7 +7,7 @@ them; `plan` and `stage1` refuse to go on unless all pass.
 import os
 
 from . import disk as disk_module
-from . import system
+from . import grub, system
 from .bundle import verify_streams
 from .errors import MigrateError
 from .manifest import Manifest, load  # noqa: F401  (type comments)
@@ -109,7 +109,7 @@ class Preflight(object):
         # type: () -> Preflight
         for step in (self.check_root, self.check_os, self.check_boot_mode, self.check_bundle,
                      self.check_disk, self.check_swap, self.check_memory, self.check_tools,
-                     self.check_grub, self.check_layout):
+                     self.check_grub, self.check_foreign_flashers, self.check_layout):
             try:
                 step()
             except MigrateError as exc:
@@ -183,7 +183,8 @@ class Preflight(object):
             if part.is_extended:
                 continue
             probe = disk_module.probe(part.node)
-            if part.type == "82" or probe.get("TYPE") == "swap":
+            # the signature decides: a partition typed 82 may hold something else
+            if probe.get("TYPE") == "swap":
                 candidates.append((part, probe))
         if not candidates:
             self.add("swap partition", False, self._no_swap_reason(entries, active),
@@ -193,12 +194,19 @@ class Preflight(object):
             return
         part, probe = max(candidates, key=lambda item: item[0].size)
         target.swap, target.swap_probe = part, probe
-        for swap in active:
-            dev = system.device_of_path(swap.path)
-            if dev is not None and dev.path == part.node:
-                target.swap_active, target.swap_used = True, swap.used
+        users = system.holders(part.node)
+        if users:
+            self.add("swap partition", False, "{} is used through {} (encrypted swap, LVM or "
+                     "RAID)".format(part.node, ", ".join(users)),
+                     "a swap partition used directly",
+                     "remove the swap from /etc/crypttab (or the volume group) first")
+            return
+        in_use = system.swap_in_use(part.node)
+        if in_use is not None:
+            target.swap_active, target.swap_used = True, in_use.used
+        partuuid = disk_module.probe_partuuid(part.node)
         for entry in entries:
-            if entry.names(probe.get("UUID"), probe.get("LABEL"), [part.node]):
+            if entry.names(probe.get("UUID"), probe.get("LABEL"), [part.node], partuuid):
                 target.fstab_swap = entry
         kind = "logical" if part.is_logical else "primary"
         named = target.fstab_swap.spec if target.fstab_swap else "not in /etc/fstab"
@@ -237,6 +245,13 @@ class Preflight(object):
         if manifest is not None and any(s.compression == "zstd" for s in manifest.streams):
             tools.append(("zstd", "zstd"))
         missing = [(name, package) for name, package in tools if not which(name)]
+        if not missing:
+            old = disk_module.sfdisk_missing_features()
+            if old:
+                self.add("sfdisk", False, "sfdisk lacks {}".format(", ".join(old)),
+                         "util-linux 2.29 or later (sfdisk --json, --no-tell-kernel)",
+                         "this release's util-linux is too old for this version of "
+                         "resin-migrate")
         self.add("tools", not missing,
                  "missing: " + ", ".join(name for name, _ in missing) if missing else
                  "all present", "",
@@ -250,11 +265,11 @@ class Preflight(object):
         if not os.path.isdir(grub_d):
             problems.append("no /etc/grub.d")
         mkconfig = [tool for tool in ("update-grub", "grub-mkconfig")
-                    if _in_sysroot_bin(root, tool)]
+                    if grub.installed(root, tool)]
         if not mkconfig:
             problems.append("neither update-grub nor grub-mkconfig")
         for tool, _ in GRUB_TOOLS:
-            if not _in_sysroot_bin(root, tool):
+            if not grub.installed(root, tool):
                 problems.append("no " + tool)
         grubenv = system.in_root(root, "boot/grub/grubenv")
         if not os.path.isfile(grubenv):
@@ -273,6 +288,22 @@ class Preflight(object):
                  "writable grubenv".format(mkconfig[0] if mkconfig else "?"),
                  "GRUB2 with /etc/grub.d, update-grub, grub-reboot and a writable grubenv",
                  "install grub-pc (legacy BIOS GRUB2)" if problems else "")
+
+    def check_foreign_flashers(self):
+        """A flasher stick left plugged in would carry the same labels (and FAT UUID)."""
+        disk = self.target.disk
+        if disk is None:
+            return
+        found = []
+        for label in ("flash-boot", "flash-rootA", "flash-data"):
+            for device in disk_module.devices_with_label(label):
+                owner = system.device_of_path(device)
+                if owner is not None and owner.disk.path != disk:
+                    found.append("{} ({})".format(device, label))
+        self.add("other flashers", not found, ", ".join(found) or "none",
+                 "no other device with flash-* labels",
+                 "unplug the device(s) carrying a resinOS flasher: GRUB could boot them "
+                 "instead" if found else "")
 
     def check_layout(self):
         target = self.target
@@ -306,12 +337,3 @@ def backup_room(manifest):
     # type: (Manifest) -> int
     """The largest backup.tgz stage 2 can put into the image's resin-data."""
     return max(0, manifest.inner_image.data_free - BACKUP_MARGIN)
-
-
-def _sysroot_dirs(sysroot):
-    return tuple(system.in_root(sysroot, d) for d in ("usr/sbin", "usr/bin", "sbin", "bin"))
-
-
-def _in_sysroot_bin(sysroot, tool):
-    # type: (str, str) -> bool
-    return any(os.path.exists(os.path.join(d, tool)) for d in _sysroot_dirs(sysroot))

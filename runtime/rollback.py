@@ -5,12 +5,13 @@ for the steps that were started, and each can be repeated.
 """
 
 import os
-import shutil
 
 from . import disk as disk_module
 from . import grub, log, system
 from .errors import MigrateError
+from .files import read_text, write_atomic
 from .run import run
+from .stage1 import same_disk, unmount_stale
 from .state import State
 
 
@@ -23,33 +24,34 @@ def rollback(sysroot="/"):
     state = State(sysroot)
     if not state.exists:
         raise RollbackError("nothing to roll back: no stage 1 state in {}".format(state.path))
+    state.lock()
     log.open_file(system.in_root(sysroot, log.LOG_PATH))
     log.log.info("rollback: stage 1 steps started: %s", ", ".join(state.get("started")))
-    disk = state.get("disk")
     swap = state.get("swap") or {}
+    disk = same_disk(state, sysroot) if state.get("disk") else None
     if state.started("grub"):
         grub.disarm(sysroot)
         log.log.info("rollback: GRUB entry %s and its one-shot boot removed", grub.ENTRY_ID)
-    if state.started("partition") or state.started("flash-data"):
-        _unmount_partitions_of(disk, [swap.get("number")])
+    if disk and (state.started("partition") or state.started("flash-data")):
+        unmount_stale(disk)
         disk_module.write_script(disk, state.get("original_dump"))
-        table = disk_module.read_table(disk)
-        disk_module.tell_kernel(disk, table)
+        if disk_module.dump(disk) != state.get("original_dump"):
+            raise RollbackError("the partition table of {} reads back different from the one "
+                                "recorded before stage 1; see the log".format(disk))
+        disk_module.tell_kernel(disk, disk_module.read_table(disk))
         log.log.info("rollback: partition table of %s restored", disk)
     if state.started("partition") or state.started("swapoff"):
         _restore_swap(swap)
     if state.started("fstab"):
-        copy = state.get("fstab_copy")
         target = system.in_root(sysroot, "etc/fstab")
-        shutil.copyfile(copy, target + ".resin-migrate.tmp")
-        shutil.copymode(target, target + ".resin-migrate.tmp")
-        os.rename(target + ".resin-migrate.tmp", target)
+        write_atomic(target, read_text(state.get("fstab_copy")))
         log.log.info("rollback: /etc/fstab restored")
-    if swap.get("active"):
-        active = [system.device_of_path(s.path) for s in system.active_swaps()]
-        if not any(dev is not None and dev.path == swap["node"] for dev in active):
-            run(["swapon", swap["node"]])
-            log.log.info("rollback: swap %s on again", swap["node"])
+    if swap.get("active") and system.swap_in_use(swap["node"]) is None:
+        run(["swapon", swap["node"]])
+        log.log.info("rollback: swap %s on again", swap["node"])
+    backup = state.get("backup")
+    if backup and os.path.exists(backup):
+        os.unlink(backup)
     kept = state.retire("rolled-back")
     log.log.info("rollback complete; the record of stage 1 is kept in %s", kept)
     return kept
@@ -69,16 +71,3 @@ def _restore_swap(swap):
         argv += ["-U", swap["uuid"]]
     run(argv + [node])
     log.log.info("rollback: swap signature recreated on %s (UUID %s)", node, swap.get("uuid"))
-
-
-def _unmount_partitions_of(disk, keep):
-    # type: (str, list) -> None
-    """Unmount flash partitions a killed stage 1 may have left mounted."""
-    for mount in reversed(system.mounts()):
-        device = system.device_by_number(mount.major, mount.minor)
-        if device is None or not device.is_partition or device.disk.path != disk:
-            continue
-        if mount.target == "/" or device.number in keep or device.number < 1:
-            continue
-        if mount.target.startswith(("/tmp/resin-migrate-", "/run/resin-migrate-")):
-            run(["umount", mount.target])

@@ -23,6 +23,8 @@ _BASE_ENV = {
                            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
     "LC_ALL": "C",
     "LANG": "C",
+    # tools that print or store local time (dumpe2fs, mtools) do so in UTC on every host
+    "TZ": "UTC0",
 }
 
 

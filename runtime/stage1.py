@@ -16,6 +16,7 @@ from . import disk as disk_module
 from . import grub, log, system
 from .bundle import sha256_file
 from .errors import MigrateError
+from .files import write_atomic
 from .manifest import MANIFEST_NAME
 from .plan import FlashPartition, Layout, PlanError, place
 from .preflight import Preflight, RefusedError, backup_room
@@ -69,8 +70,11 @@ def run_stage1(options):
     resuming = state.exists
     preflight = Preflight(options.sysroot, options.bundle, options.disk)
     if resuming:
+        state.lock()
         log.log.info("resuming stage 1 (done: %s)", ", ".join(state.get("done")) or "nothing")
         manifest = _check_resumable(preflight, state)
+        if not options.yes and not (options.confirm and options.confirm(None)):
+            raise RefusedError("not confirmed (use --yes to resume without the question)")
     else:
         preflight.run()
         _log_checks(preflight)
@@ -82,6 +86,7 @@ def run_stage1(options):
         if not options.yes and not (options.confirm and options.confirm(preflight)):
             raise RefusedError("not confirmed; nothing was changed (use --yes to skip the "
                                "question)")
+        state.lock()
     log.open_file(system.in_root(options.sysroot, log.LOG_PATH))
     runner = Runner(options, state, manifest, preflight)
     runner.run_all()
@@ -99,6 +104,10 @@ def _check_resumable(preflight, state):
     # type: (Preflight, State) -> Manifest
     preflight.check_root()
     preflight.check_bundle()
+    try:
+        same_disk(state, preflight.target.sysroot)
+    except MigrateError as exc:
+        preflight.add("same disk", False, str(exc))
     _log_checks(preflight)
     if not preflight.passed:
         raise RefusedError("cannot resume stage 1: the checks above failed")
@@ -107,6 +116,25 @@ def _check_resumable(preflight, state):
         raise RefusedError("the bundle is not the one stage 1 started with; run 'rollback' "
                            "first, or use the bundle recorded in {}".format(state.path))
     return manifest
+
+
+def same_disk(state, sysroot):
+    # type: (State, str) -> str
+    """The recorded disk, after proving it is still the disk holding the root filesystem
+    (device names can move between boots: a USB stick may now be /dev/sda)."""
+    disk = state.get("disk")
+    mount = system.mount_of(sysroot)
+    device = system.device_by_number(mount.major, mount.minor)
+    holding = device.disk.path if device is not None else None
+    if holding != disk:
+        raise RefusedError("stage 1 recorded the disk {}, but the root filesystem is now on "
+                           "{}; refusing to touch either".format(disk, holding))
+    recorded = state.get("identity")
+    if recorded and disk_module.identity(disk) != recorded:
+        raise RefusedError("{} is not the disk stage 1 recorded (size or disk identifier "
+                           "differ: {} now, {} recorded)".format(
+                               disk, disk_module.identity(disk), recorded))
+    return disk
 
 
 def _required(value, what):
@@ -148,9 +176,9 @@ class Runner(object):
                     self.step_write(step.split(":", 1)[1])
                 else:
                     getattr(self, name)()
-            except RefusedError:
+            except (RefusedError, backup_module.BackupError):
                 raise
-            except MigrateError as exc:
+            except (MigrateError, EnvironmentError) as exc:
                 raise Stage1Error("stage 1 failed at step {}: {}\nThe device still boots its "
                                   "own system. Run 'resin-migrate.pyz rollback' to undo stage "
                                   "1, or run stage1 again to retry.".format(step, exc)) from exc
@@ -204,21 +232,21 @@ class Runner(object):
             shutil.copy2(system.in_root(self.sysroot, "etc/fstab"), fstab_copy)
         self.state.set(
             disk=disk, disk_sectors=table.sectors, original_dump=disk_module.dump(disk),
+            identity=disk_module.identity(disk),
             swap={"node": swap.node, "number": swap.number, "start": swap.start,
                   "size": swap.size, "type": swap.type,
                   "uuid": target.swap_probe.get("UUID"),
                   "label": target.swap_probe.get("LABEL"),
                   "active": target.swap_active,
-                  "fstab_line": target.fstab_swap.line if target.fstab_swap else None},
+                  "fstab_line": target.fstab_swap.line if target.fstab_swap else None,
+                  "fstab_text": target.fstab_swap.text if target.fstab_swap else None},
             fstab_copy=fstab_copy, image_sha256=self.manifest.inner_image.raw_sha256,
             bundle=os.path.abspath(self.options.bundle))
 
     def step_swapoff(self):
         swap = self.state.get("swap")
-        for active in system.active_swaps():
-            device = system.device_of_path(active.path)
-            if device is not None and device.path == swap["node"]:
-                run(["swapoff", swap["node"]])
+        if system.swap_in_use(swap["node"]) is not None:
+            run(["swapoff", swap["node"]])
         log.log.info("swap %s is off", swap["node"])
 
     def step_fstab(self):
@@ -230,17 +258,31 @@ class Runner(object):
         path = system.in_root(self.sysroot, "etc/fstab")
         with open(path) as handle:
             lines = handle.read().splitlines(True)
+        if line >= len(lines) or lines[line].rstrip("\n") not in (
+                swap["fstab_text"], FSTAB_MARK + swap["fstab_text"]):
+            raise Stage1Error("/etc/fstab changed since stage 1 read it: line {} is no longer "
+                              "{!r}; check it, then run rollback".format(line + 1,
+                                                                         swap["fstab_text"]))
         if not lines[line].startswith(FSTAB_MARK):
             lines[line] = FSTAB_MARK + lines[line]
-            _write_atomic(path, "".join(lines))
+            write_atomic(path, "".join(lines))
         log.log.info("/etc/fstab: swap line %d commented out (copy in %s)", line + 1,
                      self.state.get("fstab_copy"))
 
     def step_partition(self):
-        disk = self.state.get("disk")
+        disk = same_disk(self.state, self.sysroot)
+        swap = self.state.get("swap")
+        if system.swap_in_use(swap["node"]) is not None or system.holders(swap["node"]):
+            raise Stage1Error("{} is in use as swap again (a reboot re-enabled it?); run "
+                              "stage1 again to switch it off, or rollback".format(swap["node"]))
         layout = self.layout()
         new_table = layout.new_table()
         current = disk_module.read_table(disk)
+        original = _table_from_dump(disk, self.state.get("original_dump"),
+                                    self.state.get("disk_sectors"))
+        if not (_same_partitions(current, new_table) or _same_partitions(current, original)):
+            raise Stage1Error("the partition table of {} is neither the one stage 1 recorded "
+                              "nor the one it writes; refusing to touch it".format(disk))
         if _same_partitions(current, new_table):
             log.log.info("the partition table already holds the flash partitions")
         else:
@@ -272,6 +314,7 @@ class Runner(object):
     def step_flash_data(self):
         flash = self.flash("flash-data")
         device = system.partition_path(self.state.get("disk"), flash.number)
+        unmount_stale(self.state.get("disk"))
         run(["mkfs.ext4", "-F", "-q", "-L", "flash-data", device])
         layout = self.layout()
         values = stage2_values(self.manifest, layout, self.state.get("disk_sectors"),
@@ -279,7 +322,7 @@ class Runner(object):
         with Mounted(device) as mountpoint:
             shutil.copyfile(os.path.join(self.options.bundle, MANIFEST_NAME),
                             os.path.join(mountpoint, MANIFEST_NAME))
-            _write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
+            write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
             archive = self.state.get("backup")
             if archive:
                 copy = os.path.join(mountpoint, backup_module.BACKUP_NAME)
@@ -386,16 +429,21 @@ def _same_partitions(a, b):
     return key(a) == key(b)
 
 
-def _write_atomic(path, text):
-    # type: (str, str) -> None
-    temporary = path + ".resin-migrate.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if os.path.exists(path):
-        shutil.copymode(path, temporary)
-    os.rename(temporary, path)
+MOUNT_DIR = "/run" if os.path.isdir("/run") else "/tmp"
+MOUNT_PREFIX = "resin-migrate-"
+
+
+def unmount_stale(disk):
+    # type: (str) -> None
+    """Unmount what a killed stage 1 left mounted from disk in MOUNT_DIR."""
+    for mount in reversed(system.mounts()):
+        device = system.device_by_number(mount.major, mount.minor)
+        if device is None or not device.is_partition or device.disk.path != disk:
+            continue
+        if os.path.dirname(mount.target) == MOUNT_DIR and \
+                os.path.basename(mount.target).startswith(MOUNT_PREFIX):
+            run(["umount", mount.target])
+            os.rmdir(mount.target)
 
 
 class Mounted(object):
@@ -408,8 +456,12 @@ class Mounted(object):
         self.path = ""
 
     def __enter__(self):
-        self.path = tempfile.mkdtemp(prefix="resin-migrate-")
-        run(["mount", "-o", self.options, self.device, self.path])
+        self.path = tempfile.mkdtemp(prefix=MOUNT_PREFIX, dir=MOUNT_DIR)
+        try:
+            run(["mount", "-o", self.options, self.device, self.path])
+        except MigrateError:
+            os.rmdir(self.path)
+            raise
         return self.path
 
     def __exit__(self, *exc):

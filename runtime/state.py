@@ -4,14 +4,21 @@ It lets `stage1` resume after an interruption, and `rollback` undo exactly what 
 done. Written atomically (temporary file, fsync, rename) after every change.
 """
 
+import fcntl
 import json
 import os
 import time
 
+from .errors import MigrateError
+from .files import write_atomic
 from .system import in_root
 
 STATE_DIR = "/var/lib/resin-migrate"
 STATE_FILE = "state.json"
+
+
+class LockedError(MigrateError):
+    exit_code = 10
 
 
 class State(object):
@@ -66,13 +73,21 @@ class State(object):
         # type: () -> None
         if not os.path.isdir(self.dir):
             os.makedirs(self.dir)
-        temporary = self.path + ".tmp"
-        with open(temporary, "w") as handle:
-            json.dump(self.data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+    def lock(self):
+        # type: () -> None
+        """Hold an exclusive lock for this process's life: one stage1 or rollback at a time."""
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir)
+        # kept open (and locked) until the process ends
+        self._lock = open(os.path.join(self.dir, "lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (IOError, OSError):
+            raise LockedError(
+                "another resin-migrate stage1 or rollback is running on this device (lock "
+                "{}); wait for it to end".format(self._lock.name)) from None
 
     def retire(self, reason):
         # type: (str) -> str

@@ -6,8 +6,8 @@ install instead of failing later with a bare ImportError.
 
 import sys
 
-NEEDED = ("argparse", "gzip", "hashlib", "json", "logging", "mmap", "re", "subprocess",
-          "tarfile", "tempfile", "threading", "zipfile", "zlib")
+NEEDED = ("argparse", "binascii", "fcntl", "gzip", "hashlib", "json", "logging", "mmap", "re",
+          "shutil", "subprocess", "tarfile", "tempfile", "threading", "zipfile", "zlib")
 
 
 def missing_modules():

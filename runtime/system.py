@@ -61,12 +61,15 @@ def boot_mode():
 
 def meminfo():
     # type: () -> Dict[str, int]
-    """/proc/meminfo in bytes."""
+    """/proc/meminfo in bytes; MemAvailable estimated on kernels older than 3.14."""
     values = {}
     for line in read_text("/proc/meminfo").splitlines():
         match = re.match(r"^(\w+):\s+(\d+)( kB)?$", line.strip())
         if match:
             values[match.group(1)] = int(match.group(2)) * (1024 if match.group(3) else 1)
+    if "MemAvailable" not in values:
+        values["MemAvailable"] = max(0, values.get("MemFree", 0) + values.get("Buffers", 0) +
+                                     values.get("Cached", 0) - values.get("Shmem", 0))
     return values
 
 
@@ -92,21 +95,52 @@ def active_swaps():
     return swaps
 
 
+def swap_in_use(node):
+    # type: (str) -> Optional[Swap]
+    """The active swap on the partition node, compared by device number, or None."""
+    wanted = device_of_path(node)
+    if wanted is None:
+        return None
+    for swap in active_swaps():
+        device = device_of_path(swap.path)
+        if device is not None and device.sys == wanted.sys:
+            return swap
+    return None
+
+
+def holders(node):
+    # type: (str) -> List[str]
+    """Devices built on top of a partition (dm-crypt, LVM, RAID): it is in use through them."""
+    device = device_of_path(node)
+    if device is None:
+        return []
+    directory = os.path.join(device.sys, "holders")
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
 class FstabEntry(object):
     """One line of /etc/fstab; `line` is its index in the file."""
 
-    def __init__(self, line, spec, target, fstype, options):
-        # type: (int, str, str, str, str) -> None
+    def __init__(self, line, spec, target, fstype, options, text=""):
+        # type: (int, str, str, str, str, str) -> None
         self.line = line
+        self.text = text      # the whole line, to recognise it again before editing it
         self.spec = spec
         self.target = target
         self.fstype = fstype
         self.options = options
 
-    def names(self, uuid, label, paths):
-        # type: (Optional[str], Optional[str], List[str]) -> bool
-        """Whether this entry's spec designates a device with this UUID, LABEL or path."""
-        spec = self.spec
+    def names(self, uuid, label, paths, partuuid=None):
+        # type: (Optional[str], Optional[str], List[str], Optional[str]) -> bool
+        """Whether this entry's spec designates a device with this UUID, LABEL, PARTUUID or
+        path (a /dev/disk/by-* link that resolves to one of paths counts too)."""
+        spec = self.spec.strip("\"")
+        if spec.startswith("PARTUUID="):
+            return partuuid is not None and spec[9:].strip("\"").lower() == partuuid.lower()
+        if spec.startswith("/dev/disk/by-partuuid/"):
+            return partuuid is not None and spec.rsplit("/", 1)[1].lower() == partuuid.lower()
+        if spec.startswith("/dev/") and os.path.realpath(spec) in paths:
+            return True
         if spec.startswith("UUID="):
             return uuid is not None and spec[5:].strip("\"").lower() == uuid.lower()
         if spec.startswith("LABEL="):
@@ -127,7 +161,7 @@ def fstab(sysroot="/"):
         if not fields or fields[0].startswith("#") or len(fields) < 3:
             continue
         entries.append(FstabEntry(index, fields[0], fields[1], fields[2],
-                                  fields[3] if len(fields) > 3 else "defaults"))
+                                  fields[3] if len(fields) > 3 else "defaults", line))
     return entries
 
 

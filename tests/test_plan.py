@@ -100,6 +100,17 @@ def test_no_free_primary_slot_makes_an_extended_partition(tmp_path: Path) -> Non
     assert [p["type"] for p in written["partitions"]] == ["83", "83", "5", "e", "83", "83"]
 
 
+def test_logical_swap_after_another_logical_protects_the_whole_chain(tmp_path: Path) -> None:
+    image = _disk(tmp_path, LOGICAL.replace("start=3002368, type=82",
+                                            "start=3002368, size=1000000, type=83\n"
+                                            "start=4004416, type=82"))
+    table = read_table(str(image))
+    layout = place(table, table.number(6), _manifest_small())
+    assert [f.number for f in layout.flash] == [6, 7, 8]
+    # the first boot record, at the extended partition's start, links to the new ones
+    assert layout.protected_start == table.extended.start == 3002366
+
+
 def test_logical_partitions_after_the_swap_are_not_renumbered(tmp_path: Path) -> None:
     image = _disk(tmp_path, LOGICAL.replace("start=3002368, type=82",
                                             "start=3002368, size=2000000, type=82\n"

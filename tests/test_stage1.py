@@ -13,6 +13,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,13 +258,34 @@ def test_interrupted_stage1_resumes(device: Device) -> None:
     assert next_entry(device.sysroot) == "resin-migrate-flasher"
 
 
-def disk_digest(device: Device) -> str:
+def _image_digest(image: Path) -> str:
     subprocess.run(["sync"], check=True)
     digest = hashlib.sha256()
-    with open(device.disk, "rb") as handle:
+    with image.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def disk_digest(device: Device) -> str:
+    """sha256 of the disk's backing file, once the kernel has finished writing to it.
+
+    ext4 records where it is mounted in its superblock at the first open of a file after
+    the mount: open one first, as any running system long has.
+
+    The backing file, not /dev/loopN: writes through the mounted partition bypass the
+    whole-disk device's page cache. Right after a mount, ext4 still writes its superblock
+    and journal for a moment: wait until two readings a second apart agree.
+    """
+    (device.sysroot / "etc/os-release").read_bytes()
+    previous = _image_digest(device.image)
+    for _ in range(20):
+        time.sleep(1)
+        current = _image_digest(device.image)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError(f"{device.image} keeps changing with nothing running")
 
 
 def _copy_bundle(device: Device, tmp_path: Path) -> Path:
@@ -345,6 +367,9 @@ def _refused_twice(device: Device, extra: dict, message: str) -> None:
         assert message in output
         assert "Traceback" not in output
     assert disk_digest(device) == before
+    # not even the log or the state directory
+    assert not (device.sysroot / "var/log/resin-migrate.log").exists()
+    assert not (device.sysroot / "var/lib/resin-migrate").exists()
 
 
 def _gpt_copy(tmp_path: Path) -> Path:
@@ -437,3 +462,49 @@ def test_stage1_memory_stays_small_with_a_1gib_stream(tmp_path: Path,
     kib = int(peak[-1].split("peak memory of this process: ")[1].split(" KiB")[0])
     print(f"\nstage1 peak RSS writing and verifying a 1 GiB stream: {kib / 1024:.1f} MiB")
     assert kib < 64 * 1024
+
+
+def _three_primaries(tmp_path: Path) -> tuple[Path, LegacySpec]:
+    """Root, swap, and a data partition after the swap: no primary slot for three more."""
+    spec = LegacySpec(placement=SwapPlacement.PRIMARY)
+    image = copy_legacy_image(spec, tmp_path / "disk.img")
+    swap = sfdisk_json(image)["partitions"][1]
+    data_start = swap["start"] + swap["size"]
+    subprocess.run(["sfdisk", "-q", "--append", str(image)],
+                   input=f"start={data_start}, size=204800, type=83\n".encode(), check=True)
+    return image, spec
+
+
+def test_no_free_primary_slot_gets_an_extended_partition(tmp_path: Path,
+                                                         synthetic_bundle: Path) -> None:
+    image, spec = _three_primaries(tmp_path)
+    with attached(image, spec) as dev, mounted_root(dev, options=MOUNT_OPTIONS) as sysroot:
+        device = Device(dev.device, sysroot, synthetic_bundle, image)
+        before = sfdisk_dump(device.disk)
+        result = device.runtime("stage1", "--yes")
+        assert result.returncode == 0, result.stdout + result.stderr
+        parts = sfdisk_json(Path(device.disk))["partitions"]
+        assert [(p["node"][len(device.disk):], p["type"]) for p in parts] == [
+            ("p1", "83"), ("p2", "5"), ("p3", "83"), ("p5", "e"), ("p6", "83"), ("p7", "83")]
+        # the kernel knows the new partitions, as sysfs shows them
+        for number, label in ((5, "flash-boot"), (6, "flash-rootA"), (7, "flash-data")):
+            assert blkid(Path(device.partition(number)))["LABEL"] == label
+        assert device.runtime("rollback").returncode == 0
+        assert sfdisk_dump(device.disk) == before
+        assert blkid(Path(device.partition(2)))["TYPE"] == "swap"
+        assert not Path(device.partition(5)).exists()
+
+
+def test_active_swap_is_switched_off_and_back_on(device: Device) -> None:
+    swap = device.partition(2)
+    sh("swapon", swap)
+    try:
+        checked = device.runtime("check")
+        assert "active, 0 MiB used" in checked.stdout, checked.stdout
+        assert device.runtime("stage1", "--yes").returncode == 0
+        assert swap not in Path("/proc/swaps").read_text()
+        rolled = device.runtime("rollback")
+        assert rolled.returncode == 0, rolled.stderr
+        assert swap in Path("/proc/swaps").read_text()
+    finally:
+        sh("swapoff", swap, check=False)
