@@ -134,3 +134,96 @@ def test_refusal_before_the_point_of_no_return(harm, reason, tmp_path: Path,
             log = (data_dir / "resin-migrate-stage2.log").read_text()
         assert reason in log and "nothing was written" in log
     assert digest_outside(image, data_range) == before
+
+
+def _run_stage2_in_vm(image: Path, numbers: dict[str, int]):
+    from tests.rig.vm import run_script
+
+    script = f"""
+set -u
+mkdir -p /mnt/rootA
+mount -o ro /dev/sda{numbers['flash-rootA']} /mnt/rootA
+RESIN_MIGRATE_ROOT=/mnt/rootA RESIN_MIGRATE_REBOOT=true bash /mnt/stage2/resin-init-flasher
+code=$?
+umount /mnt/rootA
+exit $code
+"""
+    return run_script(script, [image], shares={"stage2": STAGE2.parent}, timeout=600)
+
+
+def _read_range(image: Path, start: int, size: int) -> bytes:
+    with image.open("rb") as handle:
+        handle.seek(start)
+        return handle.read(size)
+
+
+def _inner_image(bundle: Path, tmp: Path) -> Path:
+    """The resinOS image as the builder packed it, taken out of the bundle's flash-rootA."""
+    from runtime.manifest import load
+    manifest = load(str(bundle))
+    root = tmp / "rootA.img"
+    with root.open("wb") as out:
+        subprocess.run(["gzip", "-dc", str(bundle / "flash-rootA.gz")], stdout=out, check=True)
+    packed = tmp / "inner.zst"
+    packed.write_bytes(sh("debugfs", "-R", f"cat {manifest.inner_image.path}", root).stdout)
+    raw = tmp / "inner.img"
+    with raw.open("wb") as out:
+        subprocess.run(["zstd", "-dcq", str(packed)], stdout=out, check=True)
+    return raw
+
+
+@pytest.mark.vm
+@pytest.mark.loop
+@pytest.mark.parametrize("placement", [SwapPlacement.PRIMARY, SwapPlacement.LOGICAL],
+                         ids=["primary", "logical"])
+def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
+                                                      synthetic_bundle: Path) -> None:
+    import tarfile
+
+    from runtime.manifest import load
+    from tests.rig.legacy import appdata_files
+
+    image = make_stage1_disk(LegacySpec(placement=placement), synthetic_bundle,
+                             tmp_path / "disk.img")
+    numbers = flash_numbers(image)
+    manifest = load(str(synthetic_bundle))
+    inner = _inner_image(synthetic_bundle, tmp_path)
+    layout = manifest.inner_image.layout
+
+    result = _run_stage2_in_vm(image, numbers)
+    assert result.exit_code == 0, result.output[-3000:] + result.console[-2000:]
+    assert "stage 2 complete" in result.output
+
+    # the resinOS table, as sfdisk reads it back from the disk
+    table = sfdisk_json(image)
+    assert [(p["start"], p["size"]) for p in table["partitions"]] == [
+        (p.start, p.size) for p in layout.partitions]
+    # the image's bytes, except the two partitions stage 2 edits
+    edited = {"resin-boot", "resin-data"}
+    assert _read_range(image, 0, 4 << 20) == _read_range(inner, 0, 4 << 20)
+    for part in layout.partitions:
+        if part.label in edited or part.kind == "extended":
+            continue
+        offset, size = part.start * 512, part.size * 512
+        assert _read_range(image, offset, size) == _read_range(inner, offset, size), part.label
+
+    boot, data = layout.by_label("resin-boot"), layout.by_label("resin-data")
+    boot_img, data_img = tmp_path / "resin-boot.img", tmp_path / "resin-data.img"
+    boot_img.write_bytes(_read_range(image, boot.start * 512, boot.size * 512))
+    data_img.write_bytes(_read_range(image, data.start * 512, data.size * 512))
+    assert sh("fsck.vfat", "-n", boot_img, check=False).returncode == 0
+    assert sh("e2fsck", "-fn", data_img, check=False).returncode == 0
+    config = (ROOT / "tests" / "data" / "config.json").read_bytes()
+    assert sh("mcopy", "-n", "-i", boot_img, "::/config.json", "-").stdout == config
+    listing = sh("mdir", "-i", boot_img, "-b", "::/").stdout.decode()
+    assert "::/resin-migrate.log" in listing and "::/EFI" not in listing
+    log = sh("mcopy", "-n", "-i", boot_img, "::/resin-migrate.log", "-").stdout.decode()
+    assert "first 4 MiB written and read back" in log
+
+    backup = tmp_path / "backup.tgz"
+    backup.write_bytes(sh("debugfs", "-R", "cat /backup.tgz", data_img).stdout)
+    with tarfile.open(backup) as tar:
+        for rel, content in appdata_files().items():
+            member = tar.extractfile(rel)
+            assert member is not None and member.read() == content
+    print(f"\nstage 2 in the VM: {result.seconds:.1f} s (boot, write, verify, power-off)")

@@ -194,6 +194,15 @@ umount /mnt/fat
 
 
 @pytest.mark.vm
+def test_reboot_by_the_script_ends_the_run(tools_vm: None) -> None:
+    result = vm.run_script("echo rebooting\nreboot\nsleep infinity\n", [], timeout=120)
+    assert result.exit_code is None  # never finished, and no setup error either
+    assert result.output.startswith("rebooting\n")
+    assert "reboot: Restarting system" in result.console
+    print(f"boot, script, reboot: {result.seconds:.1f} s")
+
+
+@pytest.mark.vm
 def test_timeout_kills_the_vm(tools_vm: None, tmp_path: Path) -> None:
     result = vm.run_script("echo sleeping\nsleep infinity\n", [], timeout=60)
     assert result.exit_code is None
