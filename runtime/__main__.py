@@ -167,6 +167,9 @@ def cmd_status(args):
         if found["log_tail"]:
             print("\nlast lines of {}:".format(found["log"]))
             print("\n".join(found["log_tail"]))
+        if found["stage2_log_tail"]:
+            print("\nlast lines of stage 2's log on flash-data:")
+            print("\n".join(found["stage2_log_tail"]))
     return 0
 
 

@@ -171,6 +171,17 @@ class Preflight(object):
             device.path, root_disk, table.sectors * 512 // MIB))
         self.add("partition table", table.label == "dos", table.label, "msdos (dos)",
                  "GPT disks are not supported yet" if table.label == "gpt" else "")
+        if table.sector_size != 512:
+            self.add("sector size", False, "{} bytes".format(table.sector_size), "512 bytes",
+                     "disks with 4 KiB logical sectors are not supported")
+        with open(root_disk, "rb") as handle:
+            boot_code = handle.read(440)
+        # GRUB's boot.img carries the string "GRUB"; without it the BIOS may be starting
+        # GRUB from another disk, which would lose /boot/grub when resinOS is written here.
+        self.add("boot code", None, "GRUB in the MBR of {}".format(root_disk)
+                 if b"GRUB" in boot_code else
+                 "no GRUB boot code in the MBR of {}: make sure the BIOS boots this disk's "
+                 "GRUB".format(root_disk))
 
     def check_swap(self):
         target = self.target

@@ -25,5 +25,30 @@ def status(sysroot="/", lines=15):
             STATE_DIR, STATE_FILE + ".*"))))
         phase = "no migration under way" + (
             " (last: {})".format(os.path.basename(kept[-1])) if kept else "")
-    return {"phase": phase, "state": state.data if state.exists else None,
-            "log": log_path, "log_tail": tail}
+    found = {"phase": phase, "state": state.data if state.exists else None,
+             "log": log_path, "log_tail": tail, "stage2_log_tail": []}
+    if state.exists and state.done("flash-data"):
+        found["stage2_log_tail"] = _stage2_log(state, lines)
+    return found
+
+
+def _stage2_log(state, lines):
+    # type: (State, int) -> list
+    """The last lines stage 2 wrote on flash-data: after a fallback boot, why it refused."""
+    from .errors import MigrateError
+    from .stage1 import Mounted
+    for entry in state.get("layout") or []:
+        if entry["label"] != "flash-data":
+            continue
+        device = system.partition_path(state.get("disk"), entry["number"])
+        if not os.path.exists(device):
+            return []
+        try:
+            with Mounted(device, "ro") as mountpoint:
+                path = os.path.join(mountpoint, "resin-migrate-stage2.log")
+                if os.path.exists(path):
+                    with open(path) as handle:
+                        return handle.read().splitlines()[-lines:]
+        except (MigrateError, EnvironmentError):
+            return ["(flash-data could not be read)"]
+    return []

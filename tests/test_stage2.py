@@ -133,7 +133,15 @@ def test_refusal_before_the_point_of_no_return(harm, reason, tmp_path: Path,
         with mounted(f"{dev.device}p{numbers['flash-data']}", tmp_path / "data") as data_dir:
             log = (data_dir / "resin-migrate-stage2.log").read_text()
         assert reason in log and "nothing was written" in log
-    assert digest_outside(image, data_range) == before
+        assert digest_outside(image, data_range) == before
+        # back in the old system, `status` shows why
+        with mounted_root(dev) as sysroot:
+            status = subprocess.run(
+                [PYTHON, str(synthetic_bundle / "resin-migrate.pyz"), "--bundle",
+                 str(synthetic_bundle), "--disk", dev.device, "--sysroot", str(sysroot),
+                 "status"], capture_output=True, text=True)
+        assert status.returncode == 0, status.stderr
+        assert "stage 2's log on flash-data" in status.stdout and reason in status.stdout
 
 
 def _run_stage2_in_vm(image: Path, numbers: dict[str, int]):

@@ -50,7 +50,9 @@ emulation (``-accel tcg,thread=multi -cpu qemu64 -smp 2``), no network, without
 ``-no-reboot``: a guest reboot resets the machine and it boots again from the disk, in the
 same QEMU process, with the same fw_cfg entry. Both serial ports are written to files that
 are polled every 50 ms; each line is timestamped (seconds since QEMU started) when it is
-read. The run ends when QEMU exits by itself (the guest powered off: ``"poweroff"``), when a
+read, with terminal control sequences (colours, cursor moves) and CRs at its ends removed:
+systemd's status lines read ``[  OK  ] Reached target multi-user.target - Multi-User
+System.`` The run ends when QEMU exits by itself (the guest powered off: ``"poweroff"``), when a
 line on either port contains ``until`` (``"marker"``; also when the line shows up in the
 last output of a QEMU that exited), or at ``timeout`` (``"timeout"``). QEMU is always ended
 (SIGTERM, SIGKILL after 5 s) before boot() returns, also on an exception. With
@@ -64,6 +66,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -381,8 +384,13 @@ class _Lines:
         self._file.close()
 
 
+#: terminal control sequences (GRUB's menu, systemd's coloured status): CSI and charset
+#: selection; dropped from the stamped lines (the raw logs keep them, see log_dir)
+_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78])")
+
+
 def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", errors="replace").strip("\r")
+    return _ESCAPES.sub("", raw.decode("utf-8", errors="replace")).strip("\r")
 
 
 def boot(

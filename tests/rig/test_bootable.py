@@ -60,7 +60,7 @@ def phases(result: BootResult) -> str:
         "GRUB": "Loading Linux",
         "kernel": "Linux version",
         "userspace": "Run /init as init process",
-        "multi-user": "Multi-User System",
+        "multi-user": "Reached target multi-user.target",
         "autorun": START_MARKER,
     }
     parts = []
@@ -131,13 +131,13 @@ def test_lines_are_stamped_as_they_arrive(tmp_path: Path) -> None:
             f.write(b"\r\nLoading Linux ...\r\npart")
             f.flush()
             assert lines.poll(1.0) == ["", "Loading Linux ..."]
-            f.write(b"ial\r\nlogin: ")
+            f.write(b"ial\r\n[\x1b[0;32m  OK  \x1b[0m] Reached \x1b[0;1;39mx\x1b[0m.\r\nlogin: ")
             f.flush()
-            assert lines.poll(2.5) == ["partial"]
+            assert lines.poll(2.5) == ["partial", "[  OK  ] Reached x."]
             assert lines.partial() == "login: "
         lines.flush(3.0)
         assert lines.lines == [(1.0, ""), (1.0, "Loading Linux ..."), (2.5, "partial"),
-                               (3.0, "login: ")]
+                               (2.5, "[  OK  ] Reached x."), (3.0, "login: ")]
     finally:
         lines.close()
     result = BootResult(serial0=[(1.0, "a x"), (4.0, "b")], serial1=[(2.0, "x"), (3.0, "c")],
