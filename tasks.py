@@ -120,6 +120,49 @@ def demo(c, out="dist/demo", quiet=False):
     c.run(f"{sys.executable} {Path(out) / manifest_runtime_name()} verify", pty=False)
 
 
+@task(help={"scenario": "primary, logical, fallback, or all (default)",
+            "keep": "keep the work directory (disk images, serial logs) and print its path"})
+def e2e(c, scenario="all", keep=False):
+    """Migrate legacy Debian VMs end to end under QEMU (root; several minutes each).
+
+    Prints each phase's duration and the downtime (from the reboot at the end of stage 1 to
+    the resinOS report). Exits non-zero naming the phase that failed, with the serial tails.
+    """
+    import tempfile
+
+    sys.path.insert(0, str(ROOT))
+    from tests.e2e import E2EError, fallback, migrate
+    from tests.rig.legacy import LegacySpec, SwapPlacement
+
+    chosen = ["primary", "logical", "fallback"] if scenario == "all" else [scenario]
+    failed = False
+    for name in chosen:
+        work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
+        started = time.monotonic()
+        try:
+            if name == "fallback":
+                result = fallback(LegacySpec(), work)
+                print(f"{name}: stage 2 refused, the legacy system came back, rollback "
+                      f"restored the swap ({result.swaps_after}) in "
+                      f"{time.monotonic() - started:.0f} s")
+            else:
+                placement = SwapPlacement.PRIMARY if name == "primary" else SwapPlacement.LOGICAL
+                migrated = migrate(LegacySpec(placement=placement), work)
+                print(f"{name}: migrated in {time.monotonic() - started:.0f} s "
+                      f"(including the bundle build)\n{migrated.summary()}")
+        except E2EError as exc:
+            failed = True
+            print(f"{name}: FAILED\n{exc}", file=sys.stderr)
+        finally:
+            if keep:
+                print(f"{name}: work directory kept: {work}")
+            else:
+                import shutil
+                shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        raise Exit("e2e: at least one scenario failed", code=1)
+
+
 @task(help={"args": "extra pytest arguments, e.g. '-k formats' or '-m loop'"})
 def test(c, args=""):
     """Run the test suite (unit tests; loop and VM tests run when the machine allows)."""

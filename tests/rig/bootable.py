@@ -295,10 +295,10 @@ def _install(image: Path) -> None:
 
 def bootable_legacy_image(spec: LegacySpec | None = None) -> Path:
     """Path of the BIOS-bootable legacy image of spec (default LegacySpec(); see the module
-    docstring), built once into cache_dir()/bootable-<key>.img. Never modify it: boot a
+    docstring), built once into cache_dir()/bootable-legacy-<key>.img. Never modify it: boot a
     sparse copy."""
     spec = LegacySpec() if spec is None else spec
-    final = cache_dir() / f"bootable-{_key(spec)}.img"
+    final = cache_dir() / f"bootable-legacy-{_key(spec)}.img"
     if final.exists():
         return final
     source = cached_legacy_image(spec)

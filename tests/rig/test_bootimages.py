@@ -4,12 +4,17 @@ flasher into a bundle small enough for a legacy swap partition."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,7 @@ from tests.rig.bootimages import (
     RESINOS_CONFIG,
     boot_disk,
     boot_kit,
+    bootimages_key,
     cached_bootable_flasher,
     cached_bootable_resinos,
     parse_report,
@@ -200,7 +206,7 @@ def test_resinos_stand_in_boots_by_bios_and_reports(resinos_image: Path, tmp_pat
     assert report.first("backup") == "no"
     assert report.first("root") == "/dev/sda2"
     assert "root=LABEL=resin-rootA" in (report.first("cmdline") or "")
-    assert int(report.first("data_free_kib") or 0) > 32 * 1024  # room for a backup
+    assert int(report.first("data_free_kib") or 0) > 16 * 1024  # room for a backup
     assert not report.all("error") and not report.all("warning"), report.values
     print(f"resinOS stand-in: BIOS boot to power-off in {result.seconds:.1f} s")
 
@@ -264,3 +270,119 @@ def test_build_flasher_repacks_it_small_enough(flasher_image: Path, tmp_path: Pa
     assert manifest["boot"]["initrd"] == "/initrd"
     assert manifest["boot"]["cmdline"] == FLASHER_CMDLINE
     assert inner["raw_sha256"] == _file_sha256(cached_bootable_resinos())
+
+
+# --------------------------------------------------------------------------- stage 2, for real
+
+SECTOR = 512
+EPOCH = 1_577_836_800
+
+
+@pytest.fixture(scope="module")
+def bundle(flasher_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from builder.progress import Progress
+    from builder.repack import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("bootable-bundle") / f"nuc-{bootimages_key()}"
+    build(BuildOptions(image=flasher_image, out=out, config=ROOT / "tests/data/config.json"),
+          Progress(quiet=True))
+    return out
+
+
+def _backup_tgz() -> tuple[bytes, dict[str, str]]:
+    files = {"app-data/hello.txt": b"hello from the legacy device\n",
+             "app-data/blob.bin": hashlib.sha256(b"blob").digest() * 65536}  # 2 MiB
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), EPOCH, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), {name: _sha256(data) for name, data in files.items()}
+
+
+def _disk_after_stage1(bundle: Path, disk: Path, backup: bytes) -> int:
+    """What stage 1 leaves, without a legacy system: the flash partitions written from the
+    bundle's streams after the area the resinOS image takes, the flasher's GRUB in the
+    first 4 MiB, flash-data holding stage2.env (runtime/stage2env.py) and backup.tgz.
+    Returns the disk's size in sectors."""
+    from runtime.manifest import Manifest
+    from runtime.stage2env import render, stage2_values
+
+    manifest = Manifest.from_dict(json.loads((bundle / "manifest.json").read_text()))
+    sizes = {part.label: part.size // SECTOR for part in manifest.partitions}
+    align = 8192
+    boot_start = -(-(manifest.inner_image.raw_size // SECTOR + align) // align) * align
+    root_start = boot_start + sizes["flash-boot"]
+    data_start = root_start + -(-sizes["flash-rootA"] // align) * align
+    data_size = sizes["flash-data"]
+    total = data_start + data_size
+    with open(disk, "wb") as f:
+        f.truncate(total * SECTOR)
+    table = (f"label: dos\nunit: sectors\n\n"
+             f"start={boot_start}, size={sizes['flash-boot']}, type=e, bootable\n"
+             f"start={root_start}, size={sizes['flash-rootA']}, type=83\n"
+             f"start={data_start}, size={data_size}, type=83\n")
+    subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk)], input=table,
+                   text=True, check=True)
+    for stream, start in (("flash-boot.gz", boot_start), ("flash-rootA.gz", root_start)):
+        with gzip.open(bundle / stream, "rb") as src, open(disk, "r+b") as dst:
+            dst.seek(start * SECTOR)
+            shutil.copyfileobj(src, dst, 1 << 20)
+    kit = boot_kit()
+    with open(disk, "r+b") as f:  # the flasher's own GRUB: (hd0,msdos1) is flash-boot
+        f.write(kit.boot_img.read_bytes()[:440])
+        f.seek(SECTOR)
+        f.write(kit.core_img.read_bytes())
+
+    staging = disk.parent / "flash-data"
+    staging.mkdir()
+    (staging / "backup.tgz").write_bytes(backup)
+    values = stage2_values(manifest, types.SimpleNamespace(protected_start=boot_start), total,
+                           len(backup), _sha256(backup))
+    (staging / "stage2.env").write_text(render(values))
+    fs = disk.parent / "flash-data.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "flash-data", "-d", str(staging), str(fs),
+                    f"{data_size * SECTOR // 1024}k"], check=True)
+    subprocess.run(["dd", f"if={fs}", f"of={disk}", f"bs={SECTOR}", f"seek={data_start}",
+                    "conv=notrunc,sparse", "status=none"], check=True)
+    fs.unlink()
+    return total
+
+
+@pytest.mark.vm
+def test_real_stage2_writes_the_stand_in_which_boots(bundle: Path, tmp_path: Path) -> None:
+    """The repacked flasher boots, its init runs the real stage 2, which writes the resinOS
+    stand-in over the start of the disk and reboots; the disk then boots the stand-in, which
+    reports the fleet's config.json, the backup, and the log stage 2 left."""
+    backup, backup_files = _backup_tgz()
+    disk = tmp_path / "disk.img"
+    _disk_after_stage1(bundle, disk, backup)
+
+    flasher_run = boot_disk(disk, timeout=2 * BOOT_TIMEOUT,
+                            console_log=tmp_path / "flasher-console.log")
+    tail = flasher_run.console[-5000:]
+    assert not flasher_run.timed_out, f"stage 2 did not end in {flasher_run.seconds:.0f} s:\n{tail}"
+    assert "stage2: stage 2 complete" in flasher_run.console, tail
+    assert f"{INIT_MARKER} stage2-exit" not in flasher_run.console, tail  # it rebooted itself
+
+    resinos_run = boot_disk(disk, timeout=BOOT_TIMEOUT, console_log=tmp_path / "console.log")
+    tail = resinos_run.console[-4000:]
+    report = parse_report(resinos_run.console)
+    assert report.complete, tail
+    assert report.labels == sorted(RESINOS_LABELS.values()), tail
+    config = (ROOT / "tests/data/config.json").read_bytes()
+    assert report.first("config_sha256") == _sha256(config)
+    assert report.first("migrate_log") == "yes"
+    assert report.first("boot_efi") == "no"  # legacy BIOS: stage 2 removed /EFI
+    assert report.first("backup") == "yes"
+    assert report.first("backup_sha256") == _sha256(backup)
+    files = {}
+    for value in report.all("backup_file_sha256"):
+        digest, name = value.split(" ", 1)
+        files[name] = digest
+    assert files == backup_files
+    assert len(report.all("backup_entry")) == len(backup_files)
+    assert not report.all("error"), report.values
+    print(f"stage 2 in the flasher: {flasher_run.seconds:.1f} s (boot, write, reboot); "
+          f"resinOS stand-in: {resinos_run.seconds:.1f} s")
