@@ -282,6 +282,10 @@ class Preflight(object):
         for tool, _ in GRUB_TOOLS:
             if not grub.installed(root, tool):
                 problems.append("no " + tool)
+        version = system.package_version(root, "grub-common")
+        if version and not version.split(":")[-1].startswith(("2", "3")):
+            problems.append("GRUB {} is older than 2.00 (no menuentry --id, no one-shot "
+                            "next_entry)".format(version))
         grubenv = system.in_root(root, "boot/grub/grubenv")
         if not os.path.isfile(grubenv):
             problems.append("no /boot/grub/grubenv")

@@ -165,6 +165,18 @@ def fstab(sysroot="/"):
     return entries
 
 
+def package_version(sysroot, package):
+    # type: (str, str) -> Optional[str]
+    """The installed version of a Debian package, from dpkg's status file (None if unknown)."""
+    text = read_text(in_root(sysroot, "var/lib/dpkg/status"), "")
+    for stanza in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines()
+                      if ": " in line and not line.startswith(" "))
+        if fields.get("Package") == package and "installed" in fields.get("Status", ""):
+            return fields.get("Version")
+    return None
+
+
 class Mount(object):
     def __init__(self, major, minor, root, target, fstype, source):
         # type: (int, int, str, str, str, str) -> None

@@ -134,6 +134,7 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     before_dump = sfdisk_dump(device.disk)
     before_table = sfdisk_json(Path(device.disk))
     before_tree = tree_digest(device.sysroot)
+    boot_area = read_device(device.disk, 2048 * 512)    # MBR and the gap before p1
     fstab_before = (device.sysroot / "etc/fstab").read_text()
     swap_number = 2 if "p2" in [p["node"][-2:] for p in before_table["partitions"]
                                 if p["type"] == "82"] else 5
@@ -220,6 +221,8 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     assert "resin-migrate-flasher" not in (device.sysroot / "boot/grub/grub.cfg").read_text()
     assert next_entry(device.sysroot) is None
     assert tree_digest(device.sysroot) == before_tree
+    sh("blockdev", "--flushbufs", device.disk)
+    assert read_device(device.disk, 2048 * 512) == boot_area
 
 
 @pytest.mark.parametrize("device", LAYOUTS, indirect=True, ids=["primary", "logical"])

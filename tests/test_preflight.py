@@ -1,0 +1,55 @@
+"""Preflight checks that read the device's files, on a root tree made by the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime.preflight import Preflight
+
+
+def _sysroot(tmp_path: Path, grub_version: str | None, os_id: str = "ubuntu") -> Path:
+    root = tmp_path / "root"
+    for directory in ("etc/grub.d", "usr/sbin", "boot/grub", "var/lib/dpkg"):
+        (root / directory).mkdir(parents=True)
+    for tool in ("update-grub", "grub-reboot", "grub-editenv"):
+        (root / "usr/sbin" / tool).write_text("#!/bin/sh\n")
+    (root / "boot/grub/grubenv").write_text("# GRUB Environment Block\n" + "#" * 998)
+    (root / "etc/os-release").write_text(f'ID={os_id}\nPRETTY_NAME="{os_id} test"\n')
+    if grub_version:
+        (root / "var/lib/dpkg/status").write_text(
+            "Package: grub-common\nStatus: install ok installed\nVersion: "
+            f"{grub_version}\n\nPackage: zstd\nStatus: install ok installed\nVersion: 1.5\n")
+    return root
+
+
+@pytest.mark.parametrize(("version", "ok"), [("2.06-13+deb12u1", True), ("2.02~beta2-9", True),
+                                             ("1.99-21ubuntu3", False), (None, True)])
+def test_grub_version(tmp_path: Path, version: str | None, ok: bool) -> None:
+    preflight = Preflight(str(_sysroot(tmp_path, version)), str(tmp_path))
+    preflight.check_grub()
+    [check] = preflight.checks
+    assert check.ok is ok, check.found
+    if not ok:
+        assert "older than 2.00" in check.found
+
+
+@pytest.mark.parametrize(("os_id", "ok"), [("ubuntu", True), ("debian", True),
+                                           ("fedora", False)])
+def test_os_is_debian_or_ubuntu(tmp_path: Path, os_id: str, ok: bool) -> None:
+    preflight = Preflight(str(_sysroot(tmp_path, None, os_id)), str(tmp_path))
+    preflight.check_os()
+    assert preflight.checks[0].ok is ok
+    assert preflight.checks[0].found == f"{os_id} test"
+
+
+def test_missing_grub_pieces_are_named(tmp_path: Path) -> None:
+    root = _sysroot(tmp_path, None)
+    (root / "usr/sbin/grub-reboot").unlink()
+    (root / "boot/grub/grubenv").unlink()
+    preflight = Preflight(str(root), str(tmp_path))
+    preflight.check_grub()
+    assert preflight.checks[0].ok is False
+    assert "no grub-reboot" in preflight.checks[0].found
+    assert "no /boot/grub/grubenv" in preflight.checks[0].found
