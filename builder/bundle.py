@@ -14,7 +14,9 @@ import zipfile
 from pathlib import Path
 from types import TracebackType
 
+from runtime.errors import ToolMissingError
 from runtime.manifest import SUMS_NAME
+from runtime.run import run
 
 from .errors import OptionError
 
@@ -71,9 +73,7 @@ class Staging:
 
 def build_pyz(dest: Path, runtime_dir: Path = RUNTIME_DIR) -> None:
     """Write the runtime as an executable zipapp, the same bytes for the same sources."""
-    sources = sorted(path for path in runtime_dir.rglob("*")
-                     if path.is_file() and "__pycache__" not in path.parts
-                     and path.suffix in (".py", ""))
+    sources = _runtime_sources(runtime_dir)
     with dest.open("wb") as handle:
         handle.write(b"#!/usr/bin/env python3\n")
         with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -83,6 +83,21 @@ def build_pyz(dest: Path, runtime_dir: Path = RUNTIME_DIR) -> None:
                 mode = 0o755 if os.access(path, os.X_OK) else 0o644
                 _add(archive, name, path.read_bytes(), mode)
     dest.chmod(0o755)
+
+
+def _runtime_sources(runtime_dir: Path) -> list[Path]:
+    """The runtime's files: those git tracks in a checkout (a stray file in the working tree
+    must not change the bundle), else every .py file and the stage 2 script."""
+    try:
+        listed = run(["git", "ls-files", "-z", "."], cwd=str(runtime_dir), check=False)
+    except ToolMissingError:
+        listed = None
+    if listed is not None and listed.returncode == 0 and listed.stdout:
+        names = [name for name in listed.stdout.split("\0") if name]
+        return sorted(runtime_dir / name for name in names if (runtime_dir / name).is_file())
+    return sorted(path for path in runtime_dir.rglob("*")
+                  if path.is_file() and "__pycache__" not in path.parts
+                  and path.suffix in (".py", ""))
 
 
 def _add(archive: zipfile.ZipFile, name: str, data: bytes, mode: int) -> None:
