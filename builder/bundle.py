@@ -6,7 +6,6 @@ reproducible: sorted entries, fixed timestamps and modes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ import zipfile
 from pathlib import Path
 from types import TracebackType
 
+from runtime.bundle import sha256_file
 from runtime.errors import ToolMissingError
 from runtime.manifest import SUMS_NAME
 from runtime.run import run
@@ -113,11 +113,7 @@ def write_sums(directory: Path) -> Path:
     for path in sorted(directory.iterdir()):
         if path.name == SUMS_NAME or not path.is_file():
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        lines.append(f"{digest.hexdigest()}  {path.name}\n")
+        lines.append(f"{sha256_file(str(path))[1]}  {path.name}\n")
     sums = directory / SUMS_NAME
     sums.write_text("".join(lines))
     return sums

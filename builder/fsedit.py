@@ -9,13 +9,13 @@ SOURCE_DATE_EPOCH) so that the same input gives the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.bundle import sha256_file
 from runtime.run import run
 
 from .errors import BuilderError, VerifyError
@@ -40,11 +40,7 @@ class Entry:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(str(path))[1]
 
 
 class Ext4Image:

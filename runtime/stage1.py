@@ -60,8 +60,16 @@ def run_stage1(options):
     # type: (Options) -> int
     state = State(options.sysroot)
     if state.exists and state.done("complete"):
-        log.log.info("stage 1 is already complete; reboot to start the flasher, or run "
-                     "'rollback' to undo it")
+        with grub.Chroot(options.sysroot) as chroot:
+            armed = grub.next_entry(chroot) == grub.ENTRY_ID
+        if not armed:
+            raise RefusedError("stage 1 is complete but the one-shot GRUB entry was used "
+                               "already (the flasher ran and this system came back?): run "
+                               "'status' to read why, then 'rollback'")
+        log.log.info("stage 1 is already complete and the flasher boots next; run 'rollback' "
+                     "to undo it")
+        if options.reboot and options.sysroot == "/":
+            run(["reboot"])
         return 0
     if state.exists and not state.done("save"):
         # Only the backup ran: nothing on the disk changed, so start again from the checks.

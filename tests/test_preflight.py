@@ -53,3 +53,22 @@ def test_missing_grub_pieces_are_named(tmp_path: Path) -> None:
     assert preflight.checks[0].ok is False
     assert "no grub-reboot" in preflight.checks[0].found
     assert "no /boot/grub/grubenv" in preflight.checks[0].found
+
+
+@pytest.mark.parametrize(("spec", "named"), [
+    ("UUID=8c6f1e2a-4b3d-4f5e-a7c9-0d1e2f3a4b5c", True),
+    ("UUID=8C6F1E2A-4B3D-4F5E-A7C9-0D1E2F3A4B5C", True),
+    ("LABEL=legacy-swap", True),
+    ("PARTUUID=1e9ac1d5-02", True),
+    ("/dev/disk/by-uuid/8c6f1e2a-4b3d-4f5e-a7c9-0d1e2f3a4b5c", True),
+    ("/dev/disk/by-partuuid/1e9ac1d5-02", True),
+    ("/dev/sda2", True),
+    ("/dev/sda5", False),
+    ("UUID=00000000-0000-0000-0000-000000000000", False),
+    ("LABEL=other", False),
+])
+def test_fstab_names_the_swap_however_it_is_written(spec: str, named: bool) -> None:
+    from runtime.system import FstabEntry
+    entry = FstabEntry(0, spec, "none", "swap", "sw", f"{spec} none swap sw 0 0")
+    assert entry.names("8c6f1e2a-4b3d-4f5e-a7c9-0d1e2f3a4b5c", "legacy-swap", ["/dev/sda2"],
+                       "1e9ac1d5-02") is named

@@ -209,6 +209,9 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
 
     status = device.runtime("status")
     assert "stage 1 complete" in status.stdout
+    again = device.runtime("stage1", "--yes")
+    assert again.returncode == 0 and "already complete and the flasher boots next" in \
+        again.stderr, again.stderr
 
     rolled = device.runtime("rollback")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
