@@ -37,10 +37,14 @@ def _stage2_log(state, lines):
     """The last lines stage 2 wrote on flash-data: after a fallback boot, why it refused."""
     from .errors import MigrateError
     from .stage1 import Mounted
+    # the disk holding / now: device names may have moved since stage 1 recorded them
+    mount = system.mount_of(state.sysroot)
+    holder = system.device_by_number(mount.major, mount.minor)
+    disk = holder.disk.path if holder is not None else state.get("disk")
     for entry in state.get("layout") or []:
         if entry["label"] != "flash-data":
             continue
-        device = system.partition_path(state.get("disk"), entry["number"])
+        device = system.partition_path(disk, entry["number"])
         if not os.path.exists(device):
             return []
         try:
