@@ -104,12 +104,18 @@ def read_table(disk):
     parts = []
     for entry in data.get("partitions", []):
         node = entry["node"]
-        number = int(node[len(disk):].lstrip("p"))
+        number = partition_number(disk, node)
         parts.append(TablePartition(node, number, int(entry["start"]), int(entry["size"]),
                                     str(entry.get("type", "0")),
                                     bool(entry.get("bootable", False))))
     return Table(disk, data["label"], disk_sectors(disk), parts,
                  int(data.get("sectorsize", SECTOR)))
+
+
+def partition_number(disk, node):
+    # type: (str, str) -> int
+    """/dev/sda + /dev/sda5 -> 5; /dev/loop3 + /dev/loop3p5 -> 5 (as sfdisk names them)."""
+    return int(node.strip()[len(disk):].lstrip("p"))
 
 
 def disk_sectors(disk):

@@ -28,9 +28,3 @@ def write_atomic(path, text, mode_from=None):
         os.fsync(directory)
     finally:
         os.close(directory)
-
-
-def read_text(path):
-    # type: (str) -> str
-    with open(path) as handle:
-        return handle.read()

@@ -83,10 +83,6 @@ def _layout(value, where):
         raise ManifestError(str(exc)) from exc
 
 
-def _layout_out(value):
-    return value.to_dict()
-
-
 class Record(object):
     """A JSON object with a fixed set of checked fields.
 

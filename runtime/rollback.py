@@ -9,7 +9,7 @@ import os
 from . import disk as disk_module
 from . import grub, log, system
 from .errors import MigrateError
-from .files import read_text, write_atomic
+from .files import write_atomic
 from .run import run
 from .stage1 import same_disk, unmount_stale
 from .state import State
@@ -44,7 +44,7 @@ def rollback(sysroot="/"):
         _restore_swap(swap)
     if state.started("fstab"):
         target = system.in_root(sysroot, "etc/fstab")
-        write_atomic(target, read_text(state.get("fstab_copy")))
+        write_atomic(target, system.read_text(state.get("fstab_copy")))
         log.log.info("rollback: /etc/fstab restored")
     if swap.get("active") and system.swap_in_use(swap["node"]) is None:
         run(["swapon", swap["node"]])

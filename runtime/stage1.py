@@ -422,7 +422,7 @@ def _table_from_dump(disk, dump, sectors):
         for field in fields.split(","):
             key, eq, value = field.strip().partition("=")
             values[key] = value.strip() if eq else True
-        number = int(node.strip()[len(disk):].lstrip("p"))
+        number = disk_module.partition_number(disk, node)
         parts.append(disk_module.TablePartition(node.strip(), number, int(values["start"]),
                                                 int(values["size"]), str(values["type"]),
                                                 "bootable" in values))
