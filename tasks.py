@@ -51,8 +51,9 @@ def _run_build(image: Path, out: Path, config: str | None, network: str | None,
     for name, size in result.files.items():
         print(f"  {name:<24} {_human(size):>12}")
     print(f"  total                    {_human(sum(result.files.values())):>12}")
-    print(f"inner image {inner.original_path}: {_human(inner.raw_size)} -> {inner.compression} "
-          f"{_human(inner.size)} ({inner.size / inner.raw_size:.1%})")
+    print(f"inner image {inner.original_path}: {_human(inner.raw_size)}, of which "
+          f"{_human(inner.stream_size)} in {len(inner.extents)} extents hold data -> "
+          f"{inner.compression} {_human(inner.size)} ({inner.size / inner.raw_size:.1%})")
     for part in manifest.partitions:
         what = f"stream {part.stream}" if part.stream else "created on the device"
         grows = ", grows into the rest of the swap area" if part.grows else ""
@@ -155,7 +156,7 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     print(result.summary())
 
 
-@task(help={"scenario": "primary, logical, fallback, or all (default)",
+@task(help={"scenario": "primary, logical, fallback, static, or all (default)",
             "keep": "keep the work directory (disk images, serial logs) and print its path"})
 def e2e(c, scenario="all", keep=False):
     """Migrate legacy Debian VMs end to end under QEMU (root; several minutes each).
@@ -166,10 +167,10 @@ def e2e(c, scenario="all", keep=False):
     import tempfile
 
     sys.path.insert(0, str(ROOT))
-    from tests.e2e import E2EError, fallback, migrate
+    from tests.e2e import E2EError, StaticNetwork, fallback, migrate
     from tests.rig.legacy import LegacySpec, SwapPlacement
 
-    chosen = ["primary", "logical", "fallback"] if scenario == "all" else [scenario]
+    chosen = ["primary", "logical", "fallback", "static"] if scenario == "all" else [scenario]
     failed = False
     for name in chosen:
         work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
@@ -180,6 +181,10 @@ def e2e(c, scenario="all", keep=False):
                 print(f"{name}: stage 2 refused, the legacy system came back, rollback "
                       f"restored the swap ({result.swaps_after}) in "
                       f"{time.monotonic() - started:.0f} s")
+            elif name == "static":
+                migrated = migrate(LegacySpec(), work, network=StaticNetwork())
+                print(f"{name}: migrated in {time.monotonic() - started:.0f} s; resin-boot "
+                      f"holds {', '.join(sorted(migrated.keyfiles))}\n{migrated.summary()}")
             else:
                 placement = SwapPlacement.PRIMARY if name == "primary" else SwapPlacement.LOGICAL
                 migrated = migrate(LegacySpec(placement=placement), work)
@@ -196,6 +201,28 @@ def e2e(c, scenario="all", keep=False):
                 shutil.rmtree(work, ignore_errors=True)
     if failed:
         raise Exit("e2e: at least one scenario failed", code=1)
+
+
+@task(help={"repeat": "rounds of each timed figure (default 3; the median is reported)",
+            "build_repeat": "builder runs (default 1: a build takes minutes)",
+            "json": "also write every figure and sample to this JSON file",
+            "only": "comma-separated parts: build,final,stage1,memory (default: all); without "
+                    "build, the bundle of an earlier run is measured"})
+def bench(c, repeat=3, build_repeat=1, json=None, only="build,final,stage1,memory"):
+    """Measure the final write, stage 1's stream-write, the bundle's size and peak memory,
+    each against its baseline in the same run (needs root: loop devices, page cache drops).
+
+    The first run builds a 1.8 GB resinOS-shaped image from this machine's /usr files, a
+    flasher around it and the baselines' sizes (gzip -9, xz -6), all cached under
+    /var/cache/resin-migrate/bench; later runs take a few minutes.
+    """
+    from tests.bench.run import main
+
+    code = main(repeat=int(repeat), build_repeat=int(build_repeat),
+                json_path=Path(json) if json else None,
+                only=tuple(part.strip() for part in only.split(",") if part.strip()))
+    if code:
+        raise Exit(code=code)
 
 
 @task(help={"args": "extra pytest arguments, e.g. '-k formats' or '-m loop'"})

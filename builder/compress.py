@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +61,26 @@ class _HashingWriter:
 def compress_file(source: Path, dest: Path, compression: str, progress: Progress,
                   description: str | None = None, level: int | None = None) -> Compressed:
     """Compress source into dest, hashing both sides on the way."""
-    raw_size = source.stat().st_size
+    with source.open("rb") as reader:
+        return compress_chunks(iter(lambda: reader.read(CHUNK), b""), source.stat().st_size,
+                               dest, compression, progress,
+                               description or f"compressing {source.name}", level)
+
+
+def compress_chunks(chunks: Iterable[bytes], raw_size: int, dest: Path, compression: str,
+                    progress: Progress, description: str,
+                    level: int | None = None) -> Compressed:
+    """Compress raw_size bytes arriving in chunks into dest, hashing both sides."""
     raw_sha = hashlib.sha256()
-    with source.open("rb") as reader, dest.open("wb") as handle, \
-            progress.bar(description or f"compressing {source.name}", raw_size) as bar:
+    seen = 0
+    with dest.open("wb") as handle, progress.bar(description, raw_size) as bar:
         out = _HashingWriter(handle)
         if compression == "gzip":
             # wbits 31: a gzip member with mtime 0 and no file name.
             deflater = zlib.compressobj(level or GZIP_LEVEL, zlib.DEFLATED, 31)
-            for chunk in iter(lambda: reader.read(CHUNK), b""):
+            for chunk in chunks:
                 raw_sha.update(chunk)
+                seen += len(chunk)
                 out.write(deflater.compress(chunk))
                 bar.update(len(chunk))
             out.write(deflater.flush())
@@ -80,12 +91,15 @@ def compress_file(source: Path, dest: Path, compression: str, progress: Progress
             packer = zstandard.ZstdCompressor(compression_params=params)
             with packer.stream_writer(out, size=raw_size,  # type: ignore[arg-type]
                                       closefd=False) as writer:
-                for chunk in iter(lambda: reader.read(CHUNK), b""):
+                for chunk in chunks:
                     raw_sha.update(chunk)
+                    seen += len(chunk)
                     writer.write(chunk)
                     bar.update(len(chunk))
         else:
             raise ValueError(f"unknown compression {compression!r}")
+    if seen != raw_size:
+        raise ValueError(f"{dest}: compressed {seen} bytes, expected {raw_size}")
     return Compressed(path=dest, compression=compression, size=out.size,
                       sha256=out.sha256.hexdigest(), raw_size=raw_size,
                       raw_sha256=raw_sha.hexdigest())

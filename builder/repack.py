@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime import __version__
-from runtime.layout import Partition
 from runtime.manifest import (
     COMPRESSIONS,
     FILE_PATTERN,
@@ -32,9 +31,10 @@ from runtime.manifest import (
     dumps,
 )
 
+from .blockmap import ExtentReader, block_map
 from .bootcfg import KernelEntry, first_kernel_entry
 from .bundle import RUNTIME_DIR, Staging, build_pyz, check_output_dir, write_sums
-from .compress import SUFFIX, Compressed, compress_file
+from .compress import SUFFIX, Compressed, compress_chunks, compress_file
 from .errors import FlasherLayoutError, OptionError, VerifyError
 from .formats import expand, extract_range
 from .fsedit import Entry, Ext4Image, FatImage, sha256_of
@@ -147,6 +147,7 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
             boot=Boot(kernel_label=kernel.kernel_label, kernel=kernel.kernel,
                       initrd=kernel.initrd, cmdline=kernel.cmdline),
             flasher_decompressors=decompressors,
+            network_files=sorted(network),
         )
         (staging.dir / MANIFEST_NAME).write_bytes(dumps(manifest))
         build_pyz(staging.dir / RUNTIME_NAME)
@@ -246,37 +247,36 @@ def _flasher_decompressors(rootfs: Ext4Image) -> list[str]:
 def _compress_inner(rootfs: Ext4Image, inner: Entry, inner_path: str, compression: str,
                     resinos_ref: ReferenceLayout, work: Path, progress: Progress,
                     image_name: str) -> tuple[InnerImage, Compressed]:
-    """Replace the raw resinOS image in flash-rootA by its compressed form."""
+    """Replace the raw resinOS image in flash-rootA by its block map's bytes, compressed."""
     raw_copy = work / "inner.img"
     rootfs.dump(inner_path, raw_copy)
     inner_layout = read_layout(raw_copy)
-    check_labels(inner_layout, resinos_ref, f"{image_name}:{inner_path}", "a resinOS image")
-    data_free = _free_bytes(raw_copy, inner_layout.by_label(resinos_ref.roles["data_label"]),
-                            inner_layout.sector_size, work, progress)
-    packed = compress_file(raw_copy, work / (inner.name + SUFFIX[compression]), compression,
-                           progress, "compressing the resinOS image")
+    where = f"{image_name}:{inner_path}"
+    check_labels(inner_layout, resinos_ref, where, "a resinOS image")
+    data_label = resinos_ref.roles["data_label"]
+    mapped = block_map(raw_copy, inner_layout, where)
+    if data_label not in mapped.free_by_partition:
+        raise FlasherLayoutError(f"{where}: {data_label} holds no filesystem the builder reads")
+    progress.note(f"resinOS image: {mapped.mapped_bytes >> 20} MiB of {mapped.image_size >> 20} "
+                  f"MiB in {len(mapped.extents)} extents hold data; the rest is free space")
+    raw_sha256 = sha256_of(raw_copy)
+    extents = ExtentReader(raw_copy, mapped.extents)
+    packed = compress_chunks(iter(extents), mapped.mapped_bytes,
+                             work / (inner.name + SUFFIX[compression]), compression, progress,
+                             "compressing the resinOS image")
     raw_copy.unlink()
     packed_path = inner_path + SUFFIX[compression]
     mtime = rootfs.mtime(inner_path)
     rootfs.remove(inner_path)
     rootfs.put_file(packed.path, packed_path, inner.mode & 0o7777, inner.uid, inner.gid, mtime)
     image = InnerImage(path=packed_path, original_path=inner_path, compression=compression,
-                       size=packed.size, sha256=packed.sha256, raw_size=packed.raw_size,
-                       raw_sha256=packed.raw_sha256, layout=inner_layout, data_free=data_free)
+                       size=packed.size, sha256=packed.sha256, raw_size=mapped.image_size,
+                       raw_sha256=raw_sha256, stream_size=packed.raw_size,
+                       stream_sha256=packed.raw_sha256,
+                       extents=[[extent.start, extent.length, digest] for extent, digest
+                                in zip(mapped.extents, extents.sha256s, strict=True)],
+                       layout=inner_layout, data_free=mapped.free_by_partition[data_label])
     return image, packed
-
-
-def _free_bytes(image: Path, part: Partition, sector_size: int, work: Path,
-                progress: Progress) -> int:
-    """Free space of the ext4 filesystem in one partition of image."""
-    copy = work / f"{part.label}.img"
-    extract_range(image, part.start * sector_size, part.size * sector_size, copy, progress,
-                  f"reading {part.label}")
-    try:
-        fields = Ext4Image(copy, epoch=0, name=part.label or "partition").superblock()
-        return int(fields["Free blocks"]) * int(fields["Block size"])
-    finally:
-        copy.unlink()
 
 
 def _finish_rootfs(rootfs: Ext4Image, roles: dict, inner: InnerImage, packed: Compressed,

@@ -16,7 +16,13 @@ MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Any  # noqa: F401  # novermin
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The resinOS image is packed as the bytes of its block map only (what its filesystems
+# use, plus everything outside them), in extents aligned to EXTENT_ALIGN; its first
+# HEAD_BYTES (MBR, GRUB's core.img, the table) are always in the first extent, which
+# stage 2 writes last.
+EXTENT_ALIGN = 1 << 20
+HEAD_BYTES = 4 << 20
 MANIFEST_NAME = "manifest.json"
 SUMS_NAME = "SHA256SUMS"
 RUNTIME_NAME = "resin-migrate.pyz"
@@ -74,6 +80,18 @@ def _list_of(check):
             raise ManifestError("{}: expected a list, found {!r}".format(where, value))
         return [check(item, "{}[{}]".format(where, index)) for index, item in enumerate(value)]
     return wrapped
+
+
+def _extent(value, where):
+    if not isinstance(value, list) or len(value) != 3:
+        raise ManifestError("{}: expected [start, length, sha256] (bytes), found {!r}".format(
+            where, value))
+    start, length = _count(value[0], where + "[0]"), _count(value[1], where + "[1]")
+    digest = _text(SHA256_PATTERN)(value[2], where + "[2]")
+    if start % 512 or length % 512 or not length:
+        raise ManifestError("{}: [{}, {}] is not a non-empty whole number of 512-byte "
+                            "sectors".format(where, start, length))
+    return [start, length, digest]
 
 
 def _layout(value, where):
@@ -177,19 +195,49 @@ class DevicePartition(Record):
 
 
 class InnerImage(Record):
-    """The resinOS image inside flash-rootA, as stage 2 finds and writes it."""
+    """The resinOS image inside flash-rootA, as stage 2 finds and writes it.
+
+    The file at `path` holds the image's extents one after the other, compressed: it
+    expands to stream_size bytes with sha256 stream_sha256, and stage 2 writes each
+    extent at its offset. What lies between extents is free space of a filesystem.
+    """
 
     FIELDS = (
         ("path", _text(PATH_PATTERN)),           # in flash-rootA, compressed
         ("original_path", _text(PATH_PATTERN)),  # where the flasher had it raw
         ("compression", _choice(COMPRESSIONS)),
-        ("size", _count),
+        ("size", _count),                        # the compressed file
         ("sha256", _text(SHA256_PATTERN)),
-        ("raw_size", _count),
+        ("raw_size", _count),                    # the whole image, as the flasher had it
         ("raw_sha256", _text(SHA256_PATTERN)),
+        ("stream_size", _count),                 # its extents, as the file expands
+        ("stream_sha256", _text(SHA256_PATTERN)),
+        ("extents", _list_of(_extent)),          # [start, length, sha256], in order
         ("layout", _layout),
         ("data_free", _count),     # bytes free in its resin-data: room for the backup
     )
+
+    def check_extents(self, where):
+        """In order, apart, aligned, inside the image, the first exactly the first 4 MiB."""
+        extents = self.extents
+        if not extents or extents[0][0] != 0 or extents[0][1] != HEAD_BYTES:
+            raise ManifestError("{}.extents: the first extent must be the first {} bytes "
+                                "(written last)".format(where, HEAD_BYTES))
+        end = 0
+        for index, (start, length, _) in enumerate(extents):
+            tail = index == len(extents) - 1 and start + length == self.raw_size
+            if start < end or start % EXTENT_ALIGN or (length % EXTENT_ALIGN and not tail):
+                raise ManifestError("{}.extents[{}]: [{}, {}] overlaps the one before or is "
+                                    "not aligned to {} bytes".format(
+                                        where, index, start, length, EXTENT_ALIGN))
+            end = start + length
+        if end > self.raw_size:
+            raise ManifestError("{}.extents: they end at byte {}, beyond the image ({} "
+                                "bytes)".format(where, end, self.raw_size))
+        total = sum(extent[1] for extent in extents)
+        if total != self.stream_size:
+            raise ManifestError("{}.extents: they add up to {} bytes, stream_size is {}".format(
+                where, total, self.stream_size))
 
 
 class Boot(Record):
@@ -225,6 +273,8 @@ class Manifest(Record):
         ("inner_image", InnerImage),
         ("boot", Boot),
         ("flasher_decompressors", _list_of(_choice(COMPRESSIONS))),
+        # the fleet's NetworkManager keyfiles (builder --network) on flash-boot, by name
+        ("network_files", _list_of(_text(FILE_PATTERN))),
     )
 
     @classmethod
@@ -257,6 +307,7 @@ class Manifest(Record):
                                         part.size))
         if [part.grows for part in self.partitions].count(True) != 1:
             raise ManifestError("{}.partitions: exactly one partition must grow".format(where))
+        self.inner_image.check_extents(where + ".inner_image")
         if self.inner_image.compression not in self.flasher_decompressors:
             raise ManifestError("{}.inner_image: compressed with {}, which the flasher cannot "
                                 "decompress".format(where, self.inner_image.compression))

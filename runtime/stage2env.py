@@ -18,6 +18,9 @@ PATTERNS = {
     "sha256": re.compile(r"^[0-9a-f]{64}$"),
     "path": re.compile(r"^(/[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}){1,16}$"),
     "word": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    # START:LENGTH:SHA256,... (bytes)
+    "extents": re.compile(r"^[0-9]{1,20}:[0-9]{1,20}:[0-9a-f]{64}"
+                          r"(,[0-9]{1,20}:[0-9]{1,20}:[0-9a-f]{64})*$"),
 }
 
 
@@ -45,13 +48,18 @@ def stage2_values(manifest, layout, disk_sectors, backup_size, backup_sha256):
     boot = image_layout.by_label("resin-boot")
     data = image_layout.by_label("resin-data")
     values = [
-        ("RM_FORMAT", "count", 1),
+        ("RM_FORMAT", "count", 2),
         ("RM_IMAGE_PATH", "path", inner.path),
         ("RM_IMAGE_COMPRESSION", "word", inner.compression),
         ("RM_IMAGE_SIZE", "count", inner.size),
         ("RM_IMAGE_SHA256", "sha256", inner.sha256),
         ("RM_IMAGE_RAW_SIZE", "count", inner.raw_size),
         ("RM_IMAGE_RAW_SHA256", "sha256", inner.raw_sha256),
+        ("RM_IMAGE_STREAM_SIZE", "count", inner.stream_size),
+        ("RM_IMAGE_STREAM_SHA256", "sha256", inner.stream_sha256),
+        ("RM_IMAGE_EXTENTS", "extents",
+         ",".join("{}:{}:{}".format(start, length, digest)
+                  for start, length, digest in inner.extents)),
         ("RM_IMAGE_SECTOR_SIZE", "count", image_layout.sector_size),
         ("RM_IMAGE_BOOT_START", "count", boot.start),
         ("RM_IMAGE_BOOT_SIZE", "count", boot.size),

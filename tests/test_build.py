@@ -20,6 +20,7 @@ from tests.tools import (
     debugfs_stat,
     decompress,
     e2fsck_clean,
+    extents_sha256,
     fat_files,
     fat_read,
     sfdisk_json,
@@ -122,6 +123,10 @@ def test_flash_boot_carries_the_fleet_config_and_network_files(streams) -> None:
     assert "/system-connections/wired-static.nmconnection" in files
 
 
+def test_the_manifest_names_the_fleet_network_files(built) -> None:
+    assert built.manifest.network_files == ["office-wifi", "wired-static.nmconnection"]
+
+
 def test_flash_roota_holds_stage2_and_the_compressed_image(built, streams, tmp_path) -> None:
     root = streams["flash-rootA"]
     found = blkid(root)
@@ -141,15 +146,18 @@ def test_flash_roota_holds_stage2_and_the_compressed_image(built, streams, tmp_p
     assert sha256(packed) == inner.sha256
     original = tmp_path / "original.img"
     build_resinos_image(original)
-    expanded = decompress(packed, tmp_path / "inner.img")
-    assert sha256(expanded) == sha256(original) == inner.raw_sha256
-    assert expanded.stat().st_size == inner.raw_size
-    table = sfdisk_json(expanded)
+    # the packed file is the image's extents one after the other
+    expanded = decompress(packed, tmp_path / "inner.stream")
+    assert sha256(original) == inner.raw_sha256
+    assert original.stat().st_size == inner.raw_size
+    assert sha256(expanded) == inner.stream_sha256 == extents_sha256(original, inner.extents)
+    assert expanded.stat().st_size == inner.stream_size < inner.raw_size
+    table = sfdisk_json(original)
     assert table["label"] == "dos"
     assert [p["start"] for p in table["partitions"]] == [
         p.start for p in inner.layout.partitions]
     data = inner.layout.by_label("resin-data")
-    with expanded.open("rb") as src, (tmp_path / "data.img").open("wb") as dst:
+    with original.open("rb") as src, (tmp_path / "data.img").open("wb") as dst:
         src.seek(data.start * 512)
         dst.write(src.read(data.size * 512))
     fields = dict(line.split(":", 1) for line in sh("dumpe2fs", "-h", tmp_path / "data.img")

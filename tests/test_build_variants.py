@@ -17,7 +17,7 @@ import pytest
 
 from runtime.manifest import load
 from tests.synthetic import FlasherSpec, build_resinos_image, cached_flasher
-from tests.tools import debugfs_cat, decompress, sha256
+from tests.tools import debugfs_cat, decompress, extents_sha256, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -62,7 +62,9 @@ def test_flasher_without_zstd_gets_a_gzip_inner_image(tmp_path: Path) -> None:
     packed.write_bytes(debugfs_cat(root, inner.path))
     original = tmp_path / "original.img"
     build_resinos_image(original)
-    assert sha256(decompress(packed, tmp_path / "inner.img")) == sha256(original)
+    assert sha256(original) == inner.raw_sha256
+    assert sha256(decompress(packed, tmp_path / "inner.img")) == inner.stream_sha256 == \
+        extents_sha256(original, inner.extents)
 
 
 def test_newer_flasher_naming_and_grub_entry(tmp_path: Path) -> None:

@@ -44,10 +44,13 @@ def _manifest() -> Manifest:
             path="/opt/resin-image-genericx86-64.resinos-img.zst",
             original_path="/opt/resin-image-genericx86-64.resinos-img", compression="zstd",
             size=300 << 20, sha256=SHA, raw_size=1800 << 20, raw_sha256=SHA,
+            stream_size=504 << 20, stream_sha256=SHA,
+            extents=[[0, 4 << 20, SHA], [4 << 20, 100 << 20, SHA], [400 << 20, 400 << 20, SHA]],
             layout=ReferenceLayout.load("resinos-image").layout, data_free=850 << 20),
         boot=Boot(kernel_label="flash-boot", kernel="/vmlinuz", initrd=None,
                   cmdline="root=LABEL=flash-rootA rootwait"),
         flasher_decompressors=["gzip", "zstd"],
+        network_files=["office-wifi"],
     )
 
 

@@ -62,3 +62,17 @@ def decompress(stream: Path, dest: Path) -> Path:
     with dest.open("wb") as out:
         subprocess.run([tool, "-dc", str(stream)], stdout=out, check=True)
     return dest
+
+
+def extents_sha256(image: Path, extents: list) -> str:
+    """sha256 of image's bytes in the extents ([start, length, sha256]), one after the
+    other; each extent's own sha256 is checked on the way."""
+    digest = hashlib.sha256()
+    with image.open("rb") as handle:
+        for start, length, expected in extents:
+            handle.seek(start)
+            data = handle.read(length)
+            assert len(data) == length, f"{image} ends before byte {start + length}"
+            assert hashlib.sha256(data).hexdigest() == expected, f"extent at {start}"
+            digest.update(data)
+    return digest.hexdigest()
