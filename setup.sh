@@ -12,8 +12,9 @@ SYSTEM_PACKAGES=(
     gzip zstd xz-utils
     # input detection (python-magic) and the pyparted build
     file libmagic1 libparted-dev pkg-config gcc python3-dev python3-venv
-    # the test rig: a legacy Debian root filesystem, and QEMU for the VM tests
-    debootstrap qemu-system-x86 qemu-utils
+    # the test rig: a legacy Debian root filesystem, QEMU for the VM tests, and openssl
+    # for the test CA of the --bundle-url tests
+    debootstrap qemu-system-x86 qemu-utils openssl
     # checks
     shellcheck
 )

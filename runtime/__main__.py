@@ -24,6 +24,8 @@ exit codes:
   4   a bundle file is missing or does not match its sha256 in the manifest
   5   this Python lacks standard modules the runtime needs (the message names the package)
   6   an external tool is missing or failed (the message names it)
+  7   a file of the bundle could not be downloaded from --bundle-url (network, HTTP error,
+      certificate not accepted), after the retries
   10  refused: a check failed, or not confirmed; nothing on the disk was changed
   11  stage 1 failed after changing the device: run 'rollback' (or stage1 again)
   12  rollback failed, or there is nothing to roll back
@@ -37,11 +39,31 @@ def default_bundle_dir():
     return os.path.dirname(here)
 
 
+def _source(args):
+    """The bundle: the directory --bundle, or the URL --bundle-url (one object per run, so
+    the manifest fetched for the checks is the one stage 1 writes from)."""
+    from .source import LocalBundle, RemoteBundle
+    if getattr(args, "source", None) is None:
+        if args.bundle_url:
+            from .fetch import Fetcher
+            fetcher = Fetcher(ca_file=args.ca_file and os.path.abspath(args.ca_file),
+                              allow_http=args.allow_http, retries=args.retries)
+            args.source = RemoteBundle(args.bundle_url, fetcher)
+        else:
+            args.source = LocalBundle(args.bundle)
+    return args.source
+
+
 def cmd_verify(args):
-    manifest = load(args.bundle)
-    checked = verify_streams(args.bundle, manifest)
+    source = _source(args)
+    if source.remote:
+        manifest = source.manifest()
+        checked = source.download_check(manifest)
+    else:
+        manifest = load(args.bundle)
+        checked = verify_streams(args.bundle, manifest)
     print("bundle {}: manifest schema {}, built by resin-migrate {} from {}".format(
-        args.bundle, manifest.schema, manifest.builder_version, manifest.source.name))
+        source, manifest.schema, manifest.builder_version, manifest.source.name))
     for name in checked:
         print("  ok  {}".format(name))
     return 0
@@ -49,7 +71,8 @@ def cmd_verify(args):
 
 def _preflight(args, skip_streams=False):
     from .preflight import Preflight
-    return Preflight(args.sysroot, args.bundle, args.disk, skip_streams=skip_streams).run()
+    return Preflight(args.sysroot, _source(args), args.disk, skip_streams=skip_streams,
+                     network_ok=getattr(args, "network_ok", False)).run()
 
 
 def cmd_check(args):
@@ -102,7 +125,9 @@ def _plan_lines(preflight):
             ", from " + flash.stream if flash.stream else ", formatted empty"))
     lines += [
         "   and tell the kernel with partx (the root partition stays mounted)",
-        "6. write each stream onto its partition, read it back with O_DIRECT, compare sha256",
+        "6. {} each stream onto its partition, read it back with O_DIRECT, compare "
+        "sha256".format("download from {} and write".format(preflight.target.bundle)
+                        if getattr(preflight.target.bundle, "remote", False) else "write"),
         "7. mkfs.ext4 flash-data; write manifest.json, stage2.env, backup.tgz and the log",
         "8. add /etc/grub.d/42_resin-migrate booting {} from {} with '{}', update-grub, "
         "grub-reboot (one boot only)".format(manifest.boot.kernel, manifest.boot.kernel_label,
@@ -111,6 +136,11 @@ def _plan_lines(preflight):
         "over the start of {}".format(manifest.inner_image.raw_size >> 20,
                                       layout.protected_start, disk),
     ]
+    network = preflight.target.network
+    if network is not None:
+        at = [index for index, line in enumerate(lines) if line.startswith("7. ")][0] + 1
+        lines[at:at] = ["   then the network: " + line.strip() if index == 0 else "   " + line
+                        for index, line in enumerate(network.lines())]
     return lines
 
 
@@ -126,6 +156,8 @@ def cmd_plan(args):
         print(json.dumps({"disk": preflight.target.disk, "swap": preflight.target.swap.node,
                           "partitions": [flash.to_dict() for flash in layout.flash],
                           "protected_start": layout.protected_start,
+                          "network": preflight.target.network.to_dict()
+                          if preflight.target.network is not None else None,
                           "steps": _plan_lines(preflight)}, indent=2, sort_keys=True))
     else:
         print("\n".join(_plan_lines(preflight)))
@@ -148,7 +180,8 @@ def cmd_stage1(args):
     from .stage1 import Options, run_stage1
     return run_stage1(Options(sysroot=args.sysroot, bundle=args.bundle, disk=args.disk,
                               backup_script=args.backup_script, yes=args.yes,
-                              reboot=args.reboot, confirm=_ask))
+                              reboot=args.reboot, confirm=_ask, source=_source(args),
+                              network_ok=args.network_ok))
 
 
 def cmd_rollback(args):
@@ -164,6 +197,13 @@ def cmd_status(args):
         print(json.dumps(found, indent=2, sort_keys=True))
     else:
         print(found["phase"])
+        progress = found.get("progress")
+        if progress:
+            print("{}: {}% ({} of {} MiB{})".format(
+                progress["what"], progress["percent"], progress["done"] >> 20,
+                progress["total"] >> 20, ", downloaded {} of {} MiB from {}".format(
+                    progress["downloaded"] >> 20, progress["download_size"] >> 20,
+                    progress["url"]) if "url" in progress else ""))
         if found["log_tail"]:
             print("\nlast lines of {}:".format(found["log"]))
             print("\n".join(found["log_tail"]))
@@ -181,8 +221,28 @@ def build_parser():
                     "(then reboot); rollback undoes stage1 before the reboot.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version="resin-migrate " + __version__)
-    parser.add_argument("--bundle", default=default_bundle_dir(), metavar="DIR",
-                        help="the bundle directory (default: the directory holding this .pyz)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--bundle", default=default_bundle_dir(), metavar="DIR",
+                       help="the bundle directory (default: the directory holding this .pyz)")
+    where.add_argument("--bundle-url", metavar="URL",
+                       help="the bundle's directory on an HTTPS server instead: check and plan "
+                            "fetch only manifest.json and SHA256SUMS; stage1 downloads each "
+                            "stream as it writes it onto its partition (nothing stored on "
+                            "/), resuming an interrupted download with range requests. "
+                            "Proxies from https_proxy/http_proxy/no_proxy. A resumed stage1 "
+                            "uses the URL it started with")
+    parser.add_argument("--ca-file", metavar="PEM",
+                        help="with --bundle-url: trust only the CA certificate(s) in PEM for "
+                             "the server's certificate (default: the system's CA store)")
+    parser.add_argument("--allow-http", action="store_true",
+                        help="with --bundle-url: allow a plain http:// URL. Nothing then "
+                             "authenticates the server: the manifest's sha256 values are the "
+                             "only protection, and they come over the same connection, so "
+                             "they catch corruption but not a tampering network")
+    parser.add_argument("--retries", type=int, default=8, metavar="N",
+                        help="with --bundle-url: attempts after a failed connection or an "
+                             "interrupted download, waiting 1, 2, 4 ... up to 60 s (default "
+                             "8; a resumed download resets the count)")
     parser.add_argument("--disk", metavar="DEV",
                         help="the disk to migrate (default: the disk holding the root "
                              "filesystem; given, it must be that disk)")
@@ -204,7 +264,8 @@ def build_parser():
     check = add("check", cmd_check, "preflight: every check stage1 needs; changes nothing",
                 "Check root, OS, boot mode, disk and table, the swap partition, memory for "
                 "swapoff, tools, bundle integrity, room for the flasher, that the resinOS "
-                "image ends before the flash partitions, and GRUB. Changes nothing.")
+                "image ends before the flash partitions, GRUB, and that the network "
+                "configuration can be carried into resinOS. Changes nothing.")
     check.add_argument("--json", action="store_true", help="print the checks as JSON")
     plan = add("plan", cmd_plan, "the exact steps stage1 would take here; changes nothing",
                "Run the checks, then print the devices, sectors, sizes and files stage1 "
@@ -224,6 +285,11 @@ def build_parser():
     add("rollback", cmd_rollback, "undo stage1 (before the reboot)",
         "Restore the partition table, the swap (same UUID and label), /etc/fstab, and remove "
         "the GRUB entry. Works after an interrupted stage1 too.")
+    for sub in (check, plan, stage1):
+        sub.add_argument("--network-ok", action="store_true",
+                         help="go on (with a warning) when the device's working route cannot "
+                              "be carried into resinOS (a bond, VLAN, bridge, 802.1X or "
+                              "IPv6-only static setup): it may come up unreachable")
     status = add("status", cmd_status, "where the migration stands, and the last log lines",
                  "Show the state of stage 1 and the last lines of /var/log/resin-migrate.log.")
     status.add_argument("--json", action="store_true", help="print the status as JSON")

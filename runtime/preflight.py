@@ -8,15 +8,17 @@ import os
 
 from . import disk as disk_module
 from . import grub, system
-from .bundle import verify_streams
 from .errors import MigrateError
-from .manifest import Manifest, load  # noqa: F401  (type comments)
+from .manifest import Manifest  # noqa: F401  (type comments)
 from .plan import MIB, PlanError, place
 from .run import which
+from .source import bundle_source
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
-    from typing import Dict, List, Optional  # noqa: F401  # novermin
+    from typing import Any, Dict, List, Optional  # noqa: F401  # novermin
+
+    from .netconfig.carry import NetworkPlan  # noqa: F401
 
 # What stage 1 runs, and the Debian/Ubuntu package that provides it.
 TOOLS = (
@@ -65,9 +67,9 @@ class Target(object):
     """What the checks learned about the device: the facts stage 1 acts on."""
 
     def __init__(self, sysroot, bundle):
-        # type: (str, str) -> None
+        # type: (str, Any) -> None
         self.sysroot = sysroot
-        self.bundle = bundle
+        self.bundle = bundle        # a directory, or a source.LocalBundle/RemoteBundle
         self.manifest = None        # type: Optional[Manifest]
         self.disk = None            # type: Optional[str]
         self.table = None           # type: Optional[disk_module.Table]
@@ -77,14 +79,17 @@ class Target(object):
         self.swap_used = 0
         self.fstab_swap = None      # type: Optional[system.FstabEntry]
         self.layout = None          # type: Optional[object]
+        self.network = None         # type: Optional[NetworkPlan]
 
 
 class Preflight(object):
     """Runs the checks in order, each able to use what earlier ones found."""
 
-    def __init__(self, sysroot="/", bundle=".", disk=None, reserve_bytes=0, skip_streams=False):
-        # type: (str, str, Optional[str], int, bool) -> None
+    def __init__(self, sysroot="/", bundle=".", disk=None, reserve_bytes=0, skip_streams=False,
+                 network_ok=False):
+        # type: (str, Any, Optional[str], int, bool, bool) -> None
         self.target = Target(sysroot, bundle)
+        self.network_ok = network_ok
         self.disk_override = disk
         self.reserve_bytes = reserve_bytes
         self.skip_streams = skip_streams
@@ -109,7 +114,8 @@ class Preflight(object):
         # type: () -> Preflight
         for step in (self.check_root, self.check_os, self.check_boot_mode, self.check_bundle,
                      self.check_disk, self.check_swap, self.check_memory, self.check_tools,
-                     self.check_grub, self.check_foreign_flashers, self.check_layout):
+                     self.check_grub, self.check_foreign_flashers, self.check_layout,
+                     self.check_network):
             try:
                 step()
             except MigrateError as exc:
@@ -136,15 +142,16 @@ class Preflight(object):
                  "UEFI devices are not supported yet" if mode != "bios" else "")
 
     def check_bundle(self):
-        manifest = load(self.target.bundle)
+        # a directory (--bundle), or a URL (--bundle-url: manifest.json and SHA256SUMS
+        # fetched, the streams' sizes asked, no stream downloaded)
+        source = bundle_source(self.target.bundle)
+        manifest = source.manifest()
         self.target.manifest = manifest
         if self.skip_streams:
             self.add("bundle", True, "manifest {} valid (streams not checked)".format(
                 manifest.source.name))
             return
-        checked = verify_streams(self.target.bundle, manifest)
-        self.add("bundle", True, "{} streams match manifest.json ({})".format(
-            len(checked), ", ".join(checked)))
+        self.add("bundle", True, source.check(manifest))
 
     def check_disk(self):
         target = self.target
@@ -346,6 +353,42 @@ class Preflight(object):
                  "" if image_end <= limit else
                  "the swap partition lies inside the area resinOS overwrites; stage 2 would "
                  "overwrite the flasher it runs from")
+
+    def check_network(self):
+        """The network configuration resinOS gets: refused when the device's working route
+        cannot be carried (it would come up unreachable), unless overridden."""
+        from .netconfig.carry import NetworkPlan, device_plan, fleet_keyfiles
+        fleet = fleet_keyfiles(self.target.manifest) if self.target.manifest else None
+        try:
+            plan = device_plan(self.target.sysroot, fleet)
+        except (ValueError, LookupError, TypeError, UnicodeError) as exc:
+            # a file this tool misreads must not stop a migration the user accepts
+            self.target.network = NetworkPlan()
+            self.add("network", None if self.network_ok else False,
+                     "the network configuration could not be read: {}: {}".format(
+                         type(exc).__name__, exc),
+                     "readable network configuration files",
+                     "run again with --network-ok to migrate without carrying it "
+                     "(resinOS then uses DHCP on ethernet), and report this file")
+            return
+        self.target.network = plan
+        refusal = plan.refusal
+        if refusal and (fleet or self.network_ok):
+            self.add("network", None, "WARNING: {}; going on: {}".format(
+                refusal, "the bundle carries fleet keyfiles ({})".format(", ".join(fleet))
+                if fleet else "--network-ok given, resinOS may come up unreachable"))
+        elif refusal:
+            self.add("network", False, refusal,
+                     "a working route over ethernet or WiFi (WPA-PSK or open) with static or "
+                     "DHCP IPv4, or fleet keyfiles for it in the bundle",
+                     "resinOS would come up unreachable. Give the builder a NetworkManager "
+                     "keyfile for this network (build-flasher --network DIR) or reconfigure "
+                     "the device; if the bundle carries such a keyfile already, or to migrate "
+                     "anyway, run again with --network-ok")
+        else:
+            self.add("network", True, plan.summary())
+        for note in plan.warnings + plan.problems:
+            self.add("network", None, note)
 
 
 def backup_room(manifest):

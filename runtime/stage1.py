@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 
 from . import backup as backup_module
@@ -21,18 +22,19 @@ from .manifest import MANIFEST_NAME
 from .plan import FlashPartition, Layout, PlanError, place
 from .preflight import Preflight, RefusedError, backup_room
 from .run import run
+from .source import LocalBundle, recorded_source
 from .stage2env import ENV_NAME, render, stage2_values
 from .state import State
 from .stream import verify_device, write_stream
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
-    from typing import Callable, List, Optional  # noqa: F401  # novermin
+    from typing import Any, Callable, List, Optional  # noqa: F401  # novermin
 
     from .manifest import Manifest  # noqa: F401
 
 STEPS = ("backup", "save", "swapoff", "fstab", "partition", "write:flash-boot",
-         "write:flash-rootA", "flash-data", "grub", "complete")
+         "write:flash-rootA", "flash-data", "network", "grub", "complete")
 FSTAB_MARK = "# disabled by resin-migrate: "
 STAGE1_LOG_ON_DATA = "resin-migrate-stage1.log"
 
@@ -45,15 +47,18 @@ class Stage1Error(MigrateError):
 
 class Options(object):
     def __init__(self, sysroot="/", bundle=".", disk=None, backup_script=None, yes=False,
-                 reboot=False, confirm=None):
-        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable]) -> None
+                 reboot=False, confirm=None, source=None, network_ok=False):
+        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable], Optional[Any], bool) -> None  # noqa: E501
         self.sysroot = sysroot
         self.bundle = bundle
+        # where the streams come from: the directory `bundle`, or a URL (RemoteBundle)
+        self.source = source if source is not None else LocalBundle(bundle)
         self.disk = disk
         self.backup_script = backup_script
         self.yes = yes
         self.reboot = reboot
         self.confirm = confirm
+        self.network_ok = network_ok    # go on when the network cannot be carried
 
 
 def run_stage1(options):
@@ -76,7 +81,10 @@ def run_stage1(options):
         state.retire("restarted")
         state = State(options.sysroot)
     resuming = state.exists
-    preflight = Preflight(options.sysroot, options.bundle, options.disk)
+    if resuming:
+        _resume_source(options, state)
+    preflight = Preflight(options.sysroot, options.source, options.disk,
+                          network_ok=options.network_ok)
     if resuming:
         state.lock()
         log.log.info("resuming stage 1 (done: %s)", ", ".join(state.get("done")) or "nothing")
@@ -106,6 +114,18 @@ def run_stage1(options):
         log.log.info("stage 1 complete: reboot to start the flasher (it boots once; if it "
                      "fails, the next boot is this system again)")
     return 0
+
+
+def _resume_source(options, state):
+    # type: (Options, State) -> None
+    """Resume from the URL stage 1 started with when no other bundle is given: no
+    --bundle-url, and no manifest.json in the bundle directory."""
+    recorded = recorded_source(state.data)
+    if recorded is None or options.source.remote or os.path.exists(
+            os.path.join(options.bundle, MANIFEST_NAME)):
+        return
+    log.log.info("bundle: %s, the URL stage 1 started with", recorded.location)
+    options.source = recorded
 
 
 def _check_resumable(preflight, state):
@@ -249,7 +269,7 @@ class Runner(object):
                   "fstab_line": target.fstab_swap.line if target.fstab_swap else None,
                   "fstab_text": target.fstab_swap.text if target.fstab_swap else None},
             fstab_copy=fstab_copy, image_sha256=self.manifest.inner_image.raw_sha256,
-            bundle=os.path.abspath(self.options.bundle))
+            **self.options.source.to_state())
 
     def step_swapoff(self):
         swap = self.state.get("swap")
@@ -311,10 +331,30 @@ class Runner(object):
         flash = self.flash(label)
         stream = self.manifest.stream(flash.stream)
         device = system.partition_path(self.state.get("disk"), flash.number)
-        source = os.path.join(self.options.bundle, stream.file)
-        progress = _Progress("writing " + label)
-        write_stream(source, stream.compression, device, stream.raw_size, stream.raw_sha256,
-                     sha256=stream.sha256, size=stream.size, progress=progress)
+        bundle = self.options.source
+        source = bundle.stream_location(stream.file)
+        # from a URL: downloaded as it is written, nothing stored on the device's disk
+        reader = bundle.open_stream(stream)
+        progress = _Progress("writing " + label, state=self.state, reader=reader)
+        progress.record(0, stream.raw_size)
+        progress.total = stream.raw_size
+        if reader is not None:   # a slow link: progress at its cadence between writes too
+            reader.on_read = progress.tick
+        try:
+            write_stream(source, stream.compression, device, stream.raw_size,
+                         stream.raw_sha256, sha256=stream.sha256, size=stream.size,
+                         progress=progress, reader=reader)
+        except MigrateError as exc:
+            if reader is not None:
+                raise Stage1Error("{} (downloading from {}: {} of {} bytes read, {} "
+                                  "resumes); nothing of it is accepted".format(
+                                      exc, source, reader.offset, reader.size,
+                                      reader.resumes)) from exc
+            raise
+        finally:
+            if reader is not None:
+                reader.close()
+            self.state.set(progress=None)
         verify_device(device, stream.raw_size, stream.raw_sha256,
                       progress=_Progress("verifying " + label))
         log.log.info("%s written and read back: sha256 %s", label, stream.raw_sha256)
@@ -328,8 +368,9 @@ class Runner(object):
         values = stage2_values(self.manifest, layout, self.state.get("disk_sectors"),
                                self.state.get("backup_size"), self.state.get("backup_sha256"))
         with Mounted(device) as mountpoint:
-            shutil.copyfile(os.path.join(self.options.bundle, MANIFEST_NAME),
-                            os.path.join(mountpoint, MANIFEST_NAME))
+            # the bytes the checks validated (from a URL: as fetched then)
+            with open(os.path.join(mountpoint, MANIFEST_NAME), "wb") as handle:
+                handle.write(self.options.source.manifest_bytes())
             write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
             archive = self.state.get("backup")
             if archive:
@@ -339,6 +380,23 @@ class Runner(object):
                     raise Stage1Error("{} on flash-data reads back different".format(copy))
             self.copy_log(mountpoint)
         log.log.info("flash-data: stage 2 inputs written on %s", device)
+
+    def step_network(self):
+        """The detected network keyfiles into flash-data's system-connections/ (0600);
+        stage 2 copies them to resin-boot, then the fleet's from flash-boot over them."""
+        from .netconfig import carry, keyfile
+        plan = self.preflight.target.network
+        if plan is None:  # resumed: the checks did not run in this process
+            plan = carry.device_plan(self.sysroot, carry.fleet_keyfiles(self.manifest))
+        device = system.partition_path(self.state.get("disk"), self.flash("flash-data").number)
+        with Mounted(device) as mountpoint:
+            directory = os.path.join(mountpoint, carry.KEYFILE_DIR)
+            keyfile.write_all(plan.texts(), directory)
+            for line in plan.lines():
+                log.log.info("network: %s", line)
+            self.copy_log(mountpoint)
+        log.log.info("flash-data: %d network keyfile(s) in %s/", len(plan.keyfiles),
+                     carry.KEYFILE_DIR)
 
     def step_grub(self):
         boot = self.manifest.boot
@@ -479,17 +537,33 @@ class Mounted(object):
 
 
 class _Progress(object):
-    """Logs a long step's progress at a steady cadence (every 5 s) with rate and ETA."""
+    """Logs a long step's progress at a steady cadence (every 5 s) with rate and ETA; with
+    a state, also records it there (`status --json` shows it); with a download's reader,
+    also the compressed bytes downloaded and the resumes."""
 
-    def __init__(self, what, every=5.0):
-        # type: (str, float) -> None
+    def __init__(self, what, every=5.0, state=None, reader=None):
+        # type: (str, float, Optional[State], Optional[Any]) -> None
         self.what = what
         self.every = every
         self.started = time.time()
         self.last = 0.0
+        self.state = state
+        self.reader = reader
+        self.done = 0
+        self.total = 0
+
+    def tick(self):
+        # type: () -> None
+        """Between two calls from the writer: log again if the cadence says so (not from
+        the thread feeding zstd: the state file has one writer)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self.total and time.time() - self.last >= self.every:
+            self(self.done, self.total)
 
     def __call__(self, done, total):
         # type: (int, int) -> None
+        self.done, self.total = done, total
         now = time.time()
         if now - self.last < self.every and done < total:
             return
@@ -497,6 +571,25 @@ class _Progress(object):
         elapsed = max(now - self.started, 1e-6)
         rate = done / elapsed
         eta = (total - done) / rate if rate > 0 else 0
-        log.log.info("%s: %d%% (%d of %d MiB, %.1f MiB/s, %d s left)", self.what,
+        reader = self.reader
+        fetched = "" if reader is None else "; downloaded {} of {} MiB{}".format(
+            reader.offset >> 20, reader.size >> 20,
+            ", {} resumes".format(reader.resumes) if reader.resumes else "")
+        log.log.info("%s: %d%% (%d of %d MiB, %.1f MiB/s, %d s left%s)", self.what,
                      100 * done // max(total, 1), done >> 20, total >> 20, rate / (1 << 20),
-                     eta)
+                     eta, fetched)
+        self.record(done, total, rate, eta, now)
+
+    def record(self, done, total, rate=0.0, eta=0.0, now=None):
+        # type: (int, int, float, float, Optional[float]) -> None
+        """Into the state file, for `status --json` (from the start of the step on)."""
+        if self.state is None:
+            return
+        record = {"what": self.what, "percent": 100 * done // max(total, 1), "done": done,
+                  "total": total, "bytes_per_second": int(rate), "eta_seconds": int(eta),
+                  "updated": int(now or time.time())}
+        reader = self.reader
+        if reader is not None:
+            record.update(url=reader.url, downloaded=reader.offset,
+                          download_size=reader.size, resumes=reader.resumes)
+        self.state.set(progress=record)

@@ -26,7 +26,9 @@ def status(sysroot="/", lines=15):
         phase = "no migration under way" + (
             " (last: {})".format(os.path.basename(kept[-1])) if kept else "")
     found = {"phase": phase, "state": state.data if state.exists else None,
-             "log": log_path, "log_tail": tail, "stage2_log_tail": []}
+             "log": log_path, "log_tail": tail, "stage2_log_tail": [],
+             # a stream being written (from --bundle-url: downloaded) right now, or None
+             "progress": state.get("progress") if state.exists else None}
     if state.exists and state.done("flash-data"):
         found["stage2_log_tail"] = _stage2_log(state, lines)
     return found

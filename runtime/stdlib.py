@@ -6,8 +6,9 @@ install instead of failing later with a bare ImportError.
 
 import sys
 
-NEEDED = ("argparse", "binascii", "fcntl", "gzip", "hashlib", "json", "logging", "mmap", "re",
-          "shutil", "subprocess", "tarfile", "tempfile", "threading", "zipfile", "zlib")
+NEEDED = ("argparse", "binascii", "configparser", "fcntl", "gzip", "hashlib", "json", "logging",
+          "mmap", "re", "shutil", "subprocess", "tarfile", "tempfile", "threading", "zipfile",
+          "zlib")
 
 
 def missing_modules():

@@ -61,8 +61,8 @@ class DecompressorError(StreamError, CommandError):
 
 
 def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None, size=None,
-                 progress=None, chunk=CHUNK):
-    # type: (str, str, str, int, str, Optional[str], Optional[int], Optional[Callable[[int, int], None]], int) -> None  # noqa: E501
+                 progress=None, chunk=CHUNK, reader=None):
+    # type: (str, str, str, int, str, Optional[str], Optional[int], Optional[Callable[[int, int], None]], int, Optional[Any]) -> None  # noqa: E501
     """Decompress `source` onto `target` (a block device or a regular file) from offset 0.
 
     compression is 'gzip' (zlib, several concatenated members allowed) or 'zstd' (a
@@ -72,6 +72,9 @@ def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None,
     never written. Writes go in `chunk`-byte aligned blocks, with one fsync at the end.
     A regular-file target is neither truncated nor extended past what is written.
     progress(done_bytes, raw_size) is called at most about once a second, and at the end.
+    reader, when given, is an open file-like object (read(n), a context manager) to read
+    the compressed bytes from instead of opening the file `source` (then only a name in
+    messages): a download (fetch.RemoteFile), hashed and checked the same way.
 
     Raises StreamError on any mismatch (after a decompression failure, the compressed
     file is hashed again so the message says whether the bundle file itself is damaged),
@@ -91,8 +94,8 @@ def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None,
                 "package 'zstd' (apt-get install zstd), or use a bundle built with gzip "
                 "streams. Nothing was written to {}.".format(
                     source, ZSTD, _BASE_ENV["PATH"], target))
-    with _open_source(source) as src:
-        if size is not None:
+    with (reader if reader is not None else _open_source(source)) as src:
+        if size is not None and reader is None:
             actual = os.fstat(src.fileno()).st_size
             if actual != size:
                 raise StreamError(
@@ -109,7 +112,8 @@ def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None,
                 else:
                     digest, count = _run_zstd(zstd, src, source, writer)
             except StreamError as exc:
-                _blame_source(exc, source, sha256)
+                if reader is None:
+                    _blame_source(exc, source, sha256)
                 raise
             failure = _check_source(source, digest, count, sha256, size)
             if failure is not None:
@@ -424,7 +428,7 @@ class _Feeder(threading.Thread):
         self.digest = hashlib.sha256()
         self.count = 0
         self.stop = False
-        self.error = None  # type: Optional[StreamError]
+        self.error = None  # type: Optional[MigrateError]
 
     def join(self, timeout=None):
         # type: (Optional[float]) -> None
@@ -444,6 +448,8 @@ class _Feeder(threading.Thread):
                 view = memoryview(data)
                 while view and not self.stop:
                     view = view[_retry(os.write, fd, view):]
+        except MigrateError as exc:     # a download that failed after its retries
+            self.error = exc
         except OSError as exc:
             if not self.stop and getattr(exc, "errno", None) != errno.EPIPE:
                 self.error = StreamError("reading {} for zstd: {}".format(
