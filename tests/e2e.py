@@ -13,11 +13,21 @@ the serial console and powers off. Nothing on the path is mocked.
 The fallback scenario corrupts backup.tgz on flash-data after stage 1: stage 2 refuses and
 reboots, the legacy system comes back by itself, `status` shows stage 2's reason, and
 `rollback` restores the swap, which is active again after a further reboot.
+
+The static scenario (`migrate(spec, workdir, network=StaticNetwork())`) gives the legacy
+device an ifupdown configuration: ethernet with a static address and a WPA-PSK WiFi network,
+each with its MAC (`hwaddress`). After the run the migrated disk's resin-boot must hold their
+NetworkManager keyfiles (read with mtools, parsed with configparser), flash-data the same
+files with mode 0600, and the WiFi key must appear in no log: neither serial port (the
+runtime's output, `plan --json` included), nor stage 1's and stage 2's logs on flash-data,
+nor /resin-migrate.log on resin-boot.
 """
 
 from __future__ import annotations
 
+import configparser
 import hashlib
+import ipaddress
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -28,6 +38,7 @@ from builder.repack import BuildOptions, build
 from tests.rig.bootable import BootResult, boot, bootable_legacy_image
 from tests.rig.bootimages import ResinosReport, cached_bootable_flasher, parse_report
 from tests.rig.legacy import APPDATA_DIR, LegacySpec, appdata_files, attached, mounted_root
+from tests.tools import blkid, sfdisk_json, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -51,6 +62,17 @@ MIGRATE_SCRIPT = f"""\
 set -u
 echo "E2E stage1 start"
 {RUNTIME} check
+{RUNTIME} stage1 --yes --reboot --backup-script {GUEST_BACKUP_SCRIPT}
+echo "E2E stage1 exit=$?"
+"""
+
+# The static scenario also prints the plan as JSON: it must show the carried connections
+# and never the WiFi key.
+STATIC_SCRIPT = f"""\
+set -u
+echo "E2E stage1 start"
+{RUNTIME} check
+{RUNTIME} plan --json
 {RUNTIME} stage1 --yes --reboot --backup-script {GUEST_BACKUP_SCRIPT}
 echo "E2E stage1 exit=$?"
 """
@@ -109,11 +131,60 @@ class E2EError(AssertionError):
         self.phase = phase
 
 
+@dataclass(frozen=True)
+class StaticNetwork:
+    """The legacy device's network for the static scenario, as ifupdown describes it.
+
+    The legacy root has neither ifupdown nor iproute2 (tests/rig/rootfs.py) and the VM no
+    NIC: the runtime reads the files (its live state is empty), and each MAC comes from the
+    stanza's `hwaddress`, as on a device whose interface is down or renamed."""
+
+    interface: str = "ens3"
+    mac: str = "52:54:00:12:34:56"
+    address: str = "192.168.77.10"
+    prefix: int = 24
+    gateway: str = "192.168.77.1"
+    dns: tuple[str, ...] = ("192.168.77.53", "192.168.77.54")
+    search: str = "e2e.example"
+    wifi_interface: str = "wlan0"
+    wifi_mac: str = "52:54:00:12:34:57"
+    ssid: str = "resin-migrate-e2e"
+    psk: str = "e2e-wifi-secret-5d8c1f27"  # must show up in the WiFi keyfile and nowhere else
+
+    @property
+    def netmask(self) -> str:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix}").netmask)
+
+    def interfaces(self) -> str:
+        """/etc/network/interfaces as Ubuntu 14.04 writes a static setup (netmask, not CIDR)."""
+        return (f"# written by tests/e2e.py: the static scenario\n"
+                f"auto lo\niface lo inet loopback\n\n"
+                f"auto {self.interface}\niface {self.interface} inet static\n"
+                f"    hwaddress ether {self.mac.lower()}\n"
+                f"    address {self.address}\n    netmask {self.netmask}\n"
+                f"    gateway {self.gateway}\n"
+                f"    dns-nameservers {' '.join(self.dns)}\n    dns-search {self.search}\n\n"
+                f"allow-hotplug {self.wifi_interface}\n"
+                f"iface {self.wifi_interface} inet dhcp\n"
+                f"    hwaddress ether {self.wifi_mac.lower()}\n"
+                f'    wpa-ssid "{self.ssid}"\n    wpa-psk "{self.psk}"\n')
+
+    @property
+    def files(self) -> dict[str, str]:
+        return {"/etc/network/interfaces": self.interfaces()}
+
+    @property
+    def keyfile_names(self) -> tuple[str, str]:
+        """(ethernet, WiFi): the names the runtime gives them (resin-migrate-IFACE)."""
+        return f"resin-migrate-{self.interface}", f"resin-migrate-{self.wifi_interface}"
+
+
 @dataclass
 class E2EResult:
     boot: BootResult
     report: ResinosReport | None
     times: dict[str, float] = field(default_factory=dict)   # milestone -> seconds
+    keyfiles: dict[str, configparser.ConfigParser] = field(default_factory=dict)
 
     def durations(self) -> dict[str, float]:
         t = self.times
@@ -157,8 +228,10 @@ def build_bundle(workdir: Path, quiet: bool = True) -> Path:
     return out
 
 
-def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path) -> Path:
-    """A throwaway copy of the bootable legacy disk holding the bundle and a backup script."""
+def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
+                 files: dict[str, str] | None = None) -> Path:
+    """A throwaway copy of the bootable legacy disk holding the bundle and a backup script,
+    and files (guest path -> text, mode 0600) when given. The cached image is not touched."""
     disk = workdir / "legacy.img"
     subprocess.run(["cp", "--sparse=always", str(bootable_legacy_image(spec)), str(disk)],
                    check=True)
@@ -167,23 +240,35 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path) -> Path:
         script = root / GUEST_BACKUP_SCRIPT.lstrip("/")
         script.write_text(f'#!/bin/sh\nset -e\ncp -a /{APPDATA_DIR}/. "$1/"\n')
         script.chmod(0o755)
+        for guest_path, text in (files or {}).items():
+            target = root / guest_path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+            target.chmod(0o600)
     return disk
 
 
-def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800) -> E2EResult:
+def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
+            network: StaticNetwork | None = None) -> E2EResult:
     """Migrate a legacy VM of this layout end to end; E2EError unless resinOS reports the
-    fleet's config.json and the backup of /srv/appdata byte for byte."""
+    fleet's config.json and the backup of /srv/appdata byte for byte. With network, the
+    legacy device is configured so (see StaticNetwork) and its keyfiles must be on the
+    migrated resin-boot, its WiFi key in no log (check_network)."""
     bundle = build_bundle(workdir)
-    disk = prepare_disk(spec, bundle, workdir)
-    result = boot(disk, autorun=MIGRATE_SCRIPT, timeout=timeout, until="RESINOS-REPORT end",
-                  log_dir=workdir)
+    disk = prepare_disk(spec, bundle, workdir, network.files if network else None)
+    # where flash-data will be: the old swap area (from the start without a swap partition)
+    swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0] \
+        if network else 0
+    result = boot(disk, autorun=STATIC_SCRIPT if network else MIGRATE_SCRIPT, timeout=timeout,
+                  until="RESINOS-REPORT end", log_dir=workdir)
     times = milestone_times(result)
     if "resinOS report" not in times:
         raise E2EError(last_phase(times), f"no resinOS report ({result.reason} after "
                                           f"{result.seconds:.0f} s)", result)
     report = parse_report(result.serial0_text)
     check_report(report, result)
-    return E2EResult(boot=result, report=report, times=times)
+    keyfiles = check_network(network, disk, swap_start, result) if network else {}
+    return E2EResult(boot=result, report=report, times=times, keyfiles=keyfiles)
 
 
 def check_report(report: ResinosReport, result: BootResult) -> None:
@@ -208,6 +293,169 @@ def check_report(report: ResinosReport, result: BootResult) -> None:
         problems.append("no /resin-migrate.log on resin-boot")
     if problems:
         raise E2EError("resinOS report", "; ".join(problems), result)
+
+
+SECTOR = 512
+EXT4_MAGIC = b"\x53\xef"
+FLASH_DATA_LABEL = b"flash-data".ljust(16, b"\0")  # s_volume_name, NUL padded
+
+
+def _partition_extents(disk: Path) -> dict[int, tuple[int, int]]:
+    """number -> (start, size) in bytes, from the disk's partition table (sfdisk)."""
+    table = sfdisk_json(disk)
+    sector = int(table.get("sectorsize", SECTOR))
+    extents = {}
+    for part in table.get("partitions", []):
+        number = int(str(part["node"])[len(str(disk)):].lstrip("p"))
+        extents[number] = (int(part["start"]) * sector, int(part["size"]) * sector)
+    return extents
+
+
+def _find_resin_boot(disk: Path) -> int:
+    """The byte offset of the FAT filesystem labelled resin-boot in the disk's table."""
+    for start, size in _partition_extents(disk).values():
+        if blkid(disk, start, size).get("LABEL") == "resin-boot":
+            return start
+    raise LookupError(f"{disk}: no partition labelled resin-boot in its table")
+
+
+def _find_flash_data(disk: Path, start: int) -> int | None:
+    """The byte offset of the ext4 filesystem labelled flash-data at or after start (the old
+    swap area): the migrated disk's table no longer names it, so its superblock is looked for
+    (s_magic at 0x38, s_volume_name at 0x78, 1024 bytes into the filesystem)."""
+    chunk = 8 << 20
+    with disk.open("rb") as handle:
+        offset = start
+        while True:
+            handle.seek(offset)
+            data = handle.read(chunk + 4096)
+            if len(data) < 1024 + 0x78 + len(FLASH_DATA_LABEL):
+                return None
+            at = data.find(FLASH_DATA_LABEL)
+            while 0 <= at < chunk:
+                fs_start = offset + at - 0x78 - 1024
+                magic_at = at - 0x78 + 0x38
+                if fs_start % SECTOR == 0 and magic_at >= 0 and \
+                        data[magic_at:magic_at + 2] == EXT4_MAGIC:
+                    return fs_start
+                at = data.find(FLASH_DATA_LABEL, at + 1)
+            offset += chunk
+
+
+def _parse_keyfile(name: str, text: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys as written
+    parser.read_string(text, source=name)
+    return parser
+
+
+def _keyfile_problems(net: StaticNetwork, keyfiles: dict[str, configparser.ConfigParser]
+                      ) -> list[str]:
+    """What the keyfiles on resin-boot lack compared with the legacy configuration."""
+    ether_name, wifi_name = net.keyfile_names
+    problems = []
+    for name in (ether_name, wifi_name):
+        if name not in keyfiles:
+            problems.append(f"no system-connections/{name} (found: {sorted(keyfiles)})")
+    wanted: dict[str, dict[tuple[str, str], str]] = {
+        ether_name: {
+            ("connection", "id"): ether_name, ("connection", "type"): "ethernet",
+            ("ethernet", "mac-address"): net.mac.upper(),
+            ("ipv4", "method"): "manual",
+            ("ipv4", "address1"): f"{net.address}/{net.prefix},{net.gateway}",
+            ("ipv4", "dns"): "".join(server + ";" for server in net.dns),
+            ("ipv4", "dns-search"): net.search + ";",
+        },
+        wifi_name: {
+            ("connection", "id"): wifi_name, ("connection", "type"): "wifi",
+            ("wifi", "ssid"): net.ssid, ("wifi", "mac-address"): net.wifi_mac.upper(),
+            ("wifi-security", "key-mgmt"): "wpa-psk", ("wifi-security", "psk"): net.psk,
+            ("ipv4", "method"): "auto",
+        },
+    }
+    for name, values in wanted.items():
+        parsed = keyfiles.get(name)
+        if parsed is None:
+            continue
+        for (section, key), value in values.items():
+            found = parsed.get(section, key, fallback=None)
+            if key == "mac-address" and found is not None:
+                found = found.upper()
+            if found == value:
+                continue
+            if key == "psk":
+                problems.append(f"{name} [{section}] psk: not the legacy device's WiFi key")
+            else:
+                problems.append(f"{name} [{section}] {key}: {found!r}, expected {value!r}")
+    return problems
+
+
+def check_network(net: StaticNetwork, disk: Path, swap_start: int,
+                  result: BootResult) -> dict[str, configparser.ConfigParser]:
+    """The legacy device's network on the migrated disk: resin-boot holds its keyfiles
+    (mtools), flash-data the same with mode 0600 (debugfs), and no log holds the WiFi key.
+    Returns the parsed keyfiles of resin-boot; E2EError naming every problem found."""
+    phase = "network on resin-boot"
+    try:
+        boot_at = _find_resin_boot(disk)
+    except LookupError as exc:
+        raise E2EError(phase, str(exc), result) from exc
+    fat = f"{disk}@@{boot_at}"
+    listing = sh("mdir", "-b", "-i", fat, "::/system-connections", check=False)
+    if listing.returncode != 0:
+        raise E2EError(phase, "resin-boot has no system-connections/: "
+                       f"{listing.stderr.decode(errors='replace').strip()}", result)
+    names = sorted(line.strip().rsplit("/", 1)[-1]
+                   for line in listing.stdout.decode().splitlines() if line.strip())
+    texts = {name: sh("mcopy", "-n", "-i", fat, f"::/system-connections/{name}", "-")
+             .stdout.decode() for name in names}
+    problems: list[str] = []
+    keyfiles = {}
+    for name, text in texts.items():
+        try:
+            keyfiles[name] = _parse_keyfile(name, text)
+        except configparser.Error as exc:
+            problems.append(f"system-connections/{name} does not parse: {exc}")
+    problems += _keyfile_problems(net, keyfiles)
+    boot_log = sh("mcopy", "-n", "-i", fat, "::/resin-migrate.log", "-",
+                  check=False).stdout.decode(errors="replace")
+    for name in net.keyfile_names:
+        if f"network: {name} from" not in boot_log:
+            problems.append(f"/resin-migrate.log on resin-boot does not say {name} was copied")
+
+    logs = {"serial0 (console, stage 2)": result.serial0_text,
+            "serial1 (check, plan --json, stage1)": result.serial1_text,
+            "/resin-migrate.log on resin-boot": boot_log}
+    data_at = _find_flash_data(disk, swap_start)
+    if data_at is None:
+        problems.append("no ext4 filesystem labelled flash-data in the former swap area")
+    else:
+        image = f"{disk}?offset={data_at}"
+        for name in ("resin-migrate-stage1.log", "resin-migrate-stage2.log"):
+            text = sh("debugfs", "-R", f"cat /{name}", image,
+                      check=False).stdout.decode(errors="replace")
+            if not text.strip():
+                problems.append(f"flash-data has no {name}")
+            logs[f"{name} on flash-data"] = text
+        for name in ("system-connections", *(f"system-connections/{n}"
+                                             for n in net.keyfile_names)):
+            stat = sh("debugfs", "-R", f"stat /{name}", image,
+                      check=False).stdout.decode(errors="replace")
+            mode = next((word for line in stat.splitlines() if "Mode:" in line
+                         for word in line.split("Mode:", 1)[1].split()[:1]), "")
+            wanted = "0700" if name == "system-connections" else "0600"
+            if mode != wanted:
+                problems.append(f"{name} on flash-data has mode {mode or '(none)'}, "
+                                f"expected {wanted}")
+    for where, text in logs.items():
+        if net.psk in text:
+            problems.append(f"the WiFi key appears in {where}")
+    if net.ssid not in result.serial1_text:
+        problems.append("plan --json and check show no WiFi network: the key check proves "
+                        "nothing")
+    if problems:
+        raise E2EError(phase, "; ".join(problems), result)
+    return keyfiles
 
 
 @dataclass

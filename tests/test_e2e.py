@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import fallback, migrate
+from tests.e2e import StaticNetwork, fallback, migrate
 from tests.rig.legacy import LegacySpec, SwapPlacement
 
 pytestmark = [pytest.mark.vm, pytest.mark.loop]
@@ -25,3 +25,16 @@ def test_legacy_vm_migrates_to_resinos(placement: SwapPlacement, tmp_path: Path)
 def test_stage2_refusal_falls_back_and_rollback_restores_swap(tmp_path: Path) -> None:
     result = fallback(LegacySpec(), tmp_path)
     print(f"\nfallback run: {result.boot.seconds:.0f} s; {result.swaps_after}")
+
+
+def test_static_network_is_carried_to_resin_boot(tmp_path: Path) -> None:
+    """A static ethernet address and a WPA-PSK network configured with ifupdown end up as
+    keyfiles on the migrated resin-boot; the WiFi key is in no log."""
+    network = StaticNetwork()
+    result = migrate(LegacySpec(), tmp_path, network=network)
+    assert set(network.keyfile_names) <= set(result.keyfiles)
+    ethernet = result.keyfiles[network.keyfile_names[0]]
+    assert ethernet["ipv4"]["address1"] == f"{network.address}/{network.prefix},{network.gateway}"
+    assert ethernet["ethernet"]["mac-address"].upper() == network.mac.upper()
+    print(f"\nmigration with a static address ({', '.join(sorted(result.keyfiles))} on "
+          f"resin-boot):\n{result.summary()}")
