@@ -132,9 +132,10 @@ def _plan_lines(preflight):
         "8. add /etc/grub.d/42_resin-migrate booting {} from {} with '{}', update-grub, "
         "grub-reboot (one boot only)".format(manifest.boot.kernel, manifest.boot.kernel_label,
                                             manifest.boot.cmdline),
-        "then, after the reboot, stage 2 writes resinOS ({} MiB, ending before sector {}) "
-        "over the start of {}".format(manifest.inner_image.raw_size >> 20,
-                                      layout.protected_start, disk),
+        "then, after the reboot, stage 2 writes resinOS ({} MiB, ending before sector {}; "
+        "the {} MiB its filesystems use, the rest is skipped) over the start of {}".format(
+            manifest.inner_image.raw_size >> 20, layout.protected_start,
+            manifest.inner_image.stream_size >> 20, disk),
     ]
     network = preflight.target.network
     if network is not None:

@@ -365,3 +365,27 @@ def test_stage1_writes_keyfiles_to_flash_data(device: Device,  # noqa: F811
         assert LOOP_PSK not in text
     rolled = device.runtime("rollback")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+
+
+def test_without_iproute2_the_macs_come_from_sysfs(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys-class-net"
+    for name, mac, kind in (("ens3", "52:54:00:12:34:56", "1"), ("lo", "00:00:00:00:00:00",
+                                                                  "772")):
+        (sysfs / name).mkdir(parents=True)
+        (sysfs / name / "address").write_text(mac + "\n")
+        (sysfs / name / "type").write_text(kind + "\n")
+    root = tmp_path / "root"
+    (root / "etc" / "network").mkdir(parents=True)
+    (root / "etc" / "network" / "interfaces").write_text(
+        "auto ens3\niface ens3 inet static\n    address 192.168.5.10/24\n"
+        "    gateway 192.168.5.1\n")
+    read = sysroot_reader(str(root))
+    state = read_live(lambda argv: None, read, str(sysfs))
+    assert sorted(state.links) == ["ens3"]
+    plan = detect(read, state)
+    keyfiles = plan.texts()
+    assert len(keyfiles) == 1
+    parsed = configparser.ConfigParser()
+    parsed.read_string(next(iter(keyfiles.values())))
+    assert parsed["ethernet"]["mac-address"].upper() == "52:54:00:12:34:56"
+    assert parsed["ipv4"]["address1"] == "192.168.5.10/24,192.168.5.1"

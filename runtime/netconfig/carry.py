@@ -292,7 +292,7 @@ def _match_link(connection, links, have_live):
                 connection.mac, connection.interface, found.mac))
         elif not connection.mac:
             connection.mac = found.mac
-            connection.mac_source = "live state (ip link)"
+            connection.mac_source = "live state (ip link, /sys/class/net)"
     if not connection.mac:
         connection.unsupported = (
             "the MAC address of {} is unknown (not in the configuration{})".format(
@@ -432,10 +432,36 @@ def read_live(run_ip, read, sys_class_net="/sys/class/net"):
         state = live.from_outputs(run_ip(["ip", "-o", "addr"]) or "",
                                   run_ip(["ip", "route"]) or "", dns,
                                   link=run_ip(["ip", "-o", "link"]) or "", json_output=False)
+    _links_from_sysfs(state, sys_class_net)
     for name, link in state.links.items():
         if os.path.isdir(os.path.join(sys_class_net, name, "wireless")):
             link.wireless = True
     return state
+
+
+def _links_from_sysfs(state, sys_class_net):
+    # type: (live.LiveState, str) -> None
+    """MAC addresses the kernel lists in sysfs, for links `ip` did not report (a device
+    without iproute2): a static interface is still matched by its MAC in resinOS."""
+    try:
+        names = sorted(os.listdir(sys_class_net))
+    except OSError:
+        return
+    for name in names:
+        try:
+            with open(os.path.join(sys_class_net, name, "address")) as handle:
+                mac = handle.read().strip()
+            with open(os.path.join(sys_class_net, name, "type")) as handle:
+                ether = handle.read().strip() == "1"     # ARPHRD_ETHER (WiFi too)
+        except (IOError, OSError):
+            continue
+        if not ether or not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", mac):
+            continue
+        link = state.links.get(name)
+        if link is None:
+            state.links[name] = live.Link(name, mac, "ether")
+        elif not link.mac:
+            link.mac = mac.upper()
 
 
 def fleet_keyfiles(manifest):
