@@ -11,9 +11,7 @@ import argparse  # noqa: E402  (after the check, which names a missing module cl
 import json  # noqa: E402
 
 from . import __version__, log  # noqa: E402
-from .bundle import verify_streams  # noqa: E402
 from .errors import MigrateError  # noqa: E402
-from .manifest import load  # noqa: E402
 
 EXIT_CODES = """\
 exit codes:
@@ -56,12 +54,8 @@ def _source(args):
 
 def cmd_verify(args):
     source = _source(args)
-    if source.remote:
-        manifest = source.manifest()
-        checked = source.download_check(manifest)
-    else:
-        manifest = load(args.bundle)
-        checked = verify_streams(args.bundle, manifest)
+    manifest = source.manifest()
+    checked = source.verify_all(manifest)
     print("bundle {}: manifest schema {}, built by resin-migrate {} from {}".format(
         source, manifest.schema, manifest.builder_version, manifest.source.name))
     for name in checked:

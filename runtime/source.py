@@ -50,8 +50,13 @@ class LocalBundle(object):
     def check(self, manifest):
         # type: (Manifest) -> str
         """Every stream's size and sha256 (reads them whole); the check's description."""
-        checked = verify_streams(self.location, manifest)
+        checked = self.verify_all(manifest)
         return "{} streams match manifest.json ({})".format(len(checked), ", ".join(checked))
+
+    def verify_all(self, manifest):
+        # type: (Manifest) -> list
+        """`verify`: every stream read whole, its size and sha256 compared; the names."""
+        return verify_streams(self.location, manifest)
 
     def stream_location(self, name):
         # type: (str) -> str
@@ -133,7 +138,7 @@ class RemoteBundle(object):
                 "" if ranges else "; the server does not announce range requests, so an "
                 "interrupted download reads the stream from its start again")
 
-    def download_check(self, manifest):
+    def verify_all(self, manifest):
         # type: (Manifest) -> list
         """`verify` from a URL: download every stream (into memory a chunk at a time,
         nothing stored) and compare its size and sha256; the names checked."""

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.manifest import InnerImage
+from tests.rig.legacy import _detach, _wait_for_nodes
 from tests.tools import sh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,12 +90,7 @@ def loop_device(image: Path, partitions: bool = False,
         if partitions:
             sh("partx", "-a", device)
             numbers = sh("partx", "-g", "-o", "NR", device).stdout.decode().split()
-            deadline = time.monotonic() + 10
-            while not all(Path(f"{device}p{n}").exists() for n in numbers):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"partx added partitions to {device}, but no nodes")
-                time.sleep(0.05)
+            _wait_for_nodes([f"{device}p{n}" for n in numbers])
         yield device
     finally:
-        sh("partx", "-d", device, check=False)
-        sh("losetup", "-d", device, check=False)
+        _detach(device)

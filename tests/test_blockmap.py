@@ -22,7 +22,7 @@ from runtime.errors import ManifestError
 from runtime.manifest import EXTENT_ALIGN, HEAD_BYTES, InnerImage, load
 from tests.imagewrite import loop_device, packed_image, stage2_write
 from tests.synthetic import build_resinos_image
-from tests.tools import sfdisk_json, sh
+from tests.tools import read_range, sfdisk_json, sh
 
 MiB = 1 << 20
 FSCK = {"ext4": ("e2fsck", "-fn"), "vfat": ("fsck.vfat", "-n")}
@@ -42,9 +42,7 @@ def _superblock(image: Path, offset: int) -> dict[str, str]:
 
 
 def _extract(image: Path, offset: int, size: int, dest: Path) -> Path:
-    with image.open("rb") as src, dest.open("wb") as out:
-        src.seek(offset)
-        out.write(src.read(size))
+    dest.write_bytes(read_range(image, offset, size))
     return dest
 
 

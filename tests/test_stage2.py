@@ -18,7 +18,7 @@ import pytest
 
 from tests.rig.legacy import LegacySpec, SwapPlacement, attached, copy_legacy_image, mounted_root
 from tests.test_stage1 import MOUNT_OPTIONS, PYTHON, backup_script_for
-from tests.tools import sfdisk_json, sh
+from tests.tools import read_range, sfdisk_json, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE2 = ROOT / "runtime" / "resin-init-flasher"
@@ -159,12 +159,6 @@ exit $code
     return run_script(script, [image], shares={"stage2": STAGE2.parent}, timeout=600)
 
 
-def _read_range(image: Path, start: int, size: int) -> bytes:
-    with image.open("rb") as handle:
-        handle.seek(start)
-        return handle.read(size)
-
-
 def _inner_image(bundle: Path, tmp: Path) -> Path:
     """The resinOS image the bundle carries, as the flasher held it (rebuilt: the bundle
     holds only its extents)."""
@@ -208,7 +202,7 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
     # two partitions stage 2 edits
     edited = [(p.start * 512, p.end * 512) for p in layout.partitions
               if p.label in ("resin-boot", "resin-data")]
-    assert _read_range(image, 0, 4 << 20) == _read_range(inner, 0, 4 << 20)
+    assert read_range(image, 0, 4 << 20) == read_range(inner, 0, 4 << 20)
     compared = 0
     for start, length, _ in manifest.inner_image.extents:
         cuts = sorted({start, start + length, *(edge for low, high in edited for edge in
@@ -216,20 +210,20 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
         for low, high in zip(cuts, cuts[1:]):
             if any(e_low <= low and high <= e_high for e_low, e_high in edited):
                 continue
-            assert _read_range(image, low, high - low) == _read_range(inner, low, high - low)
+            assert read_range(image, low, high - low) == read_range(inner, low, high - low)
             compared += high - low
     assert compared > 8 << 20
     for part in layout.partitions:
         if part.fs == "ext4":
             copy = tmp_path / f"p{part.number}.img"
-            copy.write_bytes(_read_range(image, part.start * 512, part.size * 512))
+            copy.write_bytes(read_range(image, part.start * 512, part.size * 512))
             assert sh("e2fsck", "-fn", copy, check=False).returncode == 0, part.label
             copy.unlink()
 
     boot, data = layout.by_label("resin-boot"), layout.by_label("resin-data")
     boot_img, data_img = tmp_path / "resin-boot.img", tmp_path / "resin-data.img"
-    boot_img.write_bytes(_read_range(image, boot.start * 512, boot.size * 512))
-    data_img.write_bytes(_read_range(image, data.start * 512, data.size * 512))
+    boot_img.write_bytes(read_range(image, boot.start * 512, boot.size * 512))
+    data_img.write_bytes(read_range(image, data.start * 512, data.size * 512))
     assert sh("fsck.vfat", "-n", boot_img, check=False).returncode == 0
     assert sh("e2fsck", "-fn", data_img, check=False).returncode == 0
     config = (ROOT / "tests" / "data" / "config.json").read_bytes()

@@ -64,6 +64,12 @@ def decompress(stream: Path, dest: Path) -> Path:
     return dest
 
 
+def read_range(image: Path, start: int, size: int) -> bytes:
+    with image.open("rb") as handle:
+        handle.seek(start)
+        return handle.read(size)
+
+
 def extents_sha256(image: Path, extents: list) -> str:
     """sha256 of image's bytes in the extents ([start, length, sha256]), one after the
     other; each extent's own sha256 is checked on the way."""

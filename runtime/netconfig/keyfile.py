@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 
+from ..files import fsync_directory, write_atomic
 from . import WIFI
 
 MYPY = False
@@ -140,19 +141,9 @@ def write_all(texts, directory):
                 name, NAME_PATTERN.pattern))
         path = os.path.join(directory, name)
         data = text.encode("utf-8")
-        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(handle, 0o600)
-            os.write(handle, data)
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+        write_atomic(path, data, mode=0o600)
         with open(path, "rb") as check:
             if check.read() != data:
                 raise IOError("{} reads back different from what was written".format(path))
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
+    fsync_directory(directory)      # the removals, when nothing was written
     return sorted(texts)

@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -91,20 +92,32 @@ def _warm(*paths: Path) -> None:
                 pass
 
 
-def _timed(argv: list[str], inputs: tuple[Path, ...], env: dict | None = None) -> float:
+def _command(argv: list[str], env: dict | None = None) -> Callable[[], object]:
+    return lambda: subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def _timed(action: Callable[[], object], inputs: tuple[Path, ...]) -> float:
+    """Seconds action takes, the page cache dropped and its inputs read once before."""
     _drop_caches()
     _warm(*inputs)
     started = time.monotonic()
-    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL)
+    action()
     return time.monotonic() - started
 
 
-def _peak_rss_mib(argv: list[str], env: dict | None = None) -> float:
-    """Max RSS of the largest process argv runs (GNU time reports its children's peak)."""
+def _peak_rss_mib(run: Callable[[tuple[str, ...]], object]) -> float:
+    """Max RSS of the largest process that run(prefix) starts with prefix before its
+    command (GNU time reports its children's peak)."""
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as report:
-        subprocess.run([TIME, "-f", "%M", "-o", report.name, *argv], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        run((TIME, "-f", "%M", "-o", report.name))
         return int(report.read().split()[-1]) / 1024
+
+
+def _stage2(device: str, packed: Path, inner: Any, work: Path, **options: Any) -> None:
+    """Stage 2's writer (tests/imagewrite.py); raises when it fails."""
+    result = stage2_write(device, packed, inner, work, **options)
+    if result.returncode != 0:
+        raise RuntimeError(f"stage 2's writer failed: {result.stderr}")
 
 
 def _target(name: str, size: int) -> Path:
@@ -201,20 +214,15 @@ class Bench:
                 for figure, mode, hasher in ((ours, "all", None),
                                              (ours_sha256sum, "all", "sha256sum"),
                                              (ours_write, "write", None)):
-                    _drop_caches()
-                    _warm(packed)
-                    started = time.monotonic()
-                    result = stage2_write(device, packed, inner, work / "stage2",
-                                          mode=mode, hasher=hasher)
-                    figure.samples.append(time.monotonic() - started)
-                    if result.returncode != 0:
-                        raise RuntimeError(f"stage 2's writer failed: {result.stderr}")
-                gunzip_dd.samples.append(_timed(
+                    figure.samples.append(_timed(partial(
+                        _stage2, device, packed, inner, work / "stage2", mode=mode,
+                        hasher=hasher), (packed,)))
+                gunzip_dd.samples.append(_timed(_command(
                     ["bash", "-c", f"set -o pipefail; gunzip -c {self.image_gz} | "
-                     f"dd of={device} bs=4M conv=fsync 2>/dev/null"], (self.image_gz,)))
-                plain_dd.samples.append(_timed(
+                     f"dd of={device} bs=4M conv=fsync 2>/dev/null"]), (self.image_gz,)))
+                plain_dd.samples.append(_timed(_command(
                     ["dd", f"if={self.image}", f"of={device}", "bs=4M", "conv=fsync",
-                     "status=none"], (self.image,)))
+                     "status=none"]), (self.image,)))
         target.unlink()
         speed = inner.raw_size / plain_dd.median
         used = Figure("used bytes at plain dd speed", "s", [inner.stream_size / speed])
@@ -254,9 +262,9 @@ class Bench:
             pipeline = "; ".join(f"gunzip -c {path} | dd of={device} bs=4M conv=fsync "
                                  "2>/dev/null" for (path, _), device in zip(streams, devices))
             for _ in range(self.repeat):
-                ours.samples.append(_timed(argv, inputs, self.env))
-                baseline.samples.append(_timed(["bash", "-c", f"set -e -o pipefail; {pipeline}"],
-                                               inputs))
+                ours.samples.append(_timed(_command(argv, self.env), inputs))
+                baseline.samples.append(_timed(_command(
+                    ["bash", "-c", f"set -e -o pipefail; {pipeline}"]), inputs))
         for target in targets:
             target.unlink()
         self.comparisons.append(Comparison("stage 1 stream-write vs gunzip|dd", ours, baseline))
@@ -284,19 +292,15 @@ class Bench:
         with loop_device(target) as device:
             stream = SimpleNamespace(compression="gzip", raw_size=2 * GiB,
                                      raw_sha256=digest.hexdigest())
-            stage1 = _peak_rss_mib(_stage1_writer([(gz, device, stream)]), self.env)
+            argv = _stage1_writer([(gz, device, stream)])
+            stage1 = _peak_rss_mib(lambda prefix: _command([*prefix, *argv], self.env)())
             whole = SimpleNamespace(  # the whole 2 GiB as extents, nothing skipped
                 compression="zstd", raw_size=2 * GiB, stream_size=2 * GiB,
                 extents=[[0, 4 * MiB, head.hexdigest()],
                          [4 * MiB, 2 * GiB - 4 * MiB, body.hexdigest()]])
-            stage2 = stage2_write(device, zst, whole, self.work / "memory",  # type: ignore
-                                  mode="all",
-                                  wrapper=(TIME, "-f", "RSS %M", "-o",
-                                           str(self.work / "stage2.rss")))
-            if stage2.returncode != 0:
-                raise RuntimeError(f"stage 2's writer failed: {stage2.stderr}")
+            stage2_mib = _peak_rss_mib(lambda prefix: _stage2(
+                device, zst, whole, self.work / "memory", mode="all", wrapper=prefix))
         target.unlink()
-        stage2_mib = int((self.work / "stage2.rss").read_text().split()[-1]) / 1024
         limit = Figure("target", "MiB", [64])
         self.comparisons += [
             Comparison("peak RSS, stage 1 stream writer (2 GiB)", Figure("", "MiB", [stage1]),
