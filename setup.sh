@@ -12,9 +12,11 @@ SYSTEM_PACKAGES=(
     gzip zstd xz-utils
     # input detection (python-magic) and the pyparted build
     file libmagic1 libparted-dev pkg-config gcc python3-dev python3-venv
-    # the test rig: a legacy Debian root filesystem, QEMU for the VM tests, and openssl
-    # for the test CA of the --bundle-url tests
-    debootstrap qemu-system-x86 qemu-utils openssl
+    # the test rig: a legacy Debian root filesystem, QEMU for the VM tests, openssl for
+    # the test CA of the --bundle-url tests, GRUB's i386-pc images (boot.img, grub-mkimage:
+    # no bootloader is installed on this machine) for the synthetic images' boot code, and
+    # systemctl (systemd) to read the flashers' units back
+    debootstrap qemu-system-x86 qemu-utils openssl grub-pc-bin systemd
     # checks
     shellcheck
 )

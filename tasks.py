@@ -156,7 +156,8 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     print(result.summary())
 
 
-@task(help={"scenario": "primary, logical, fallback, static, or all (default)",
+@task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), or all "
+                        "(default)",
             "keep": "keep the work directory (disk images, serial logs) and print its path"})
 def e2e(c, scenario="all", keep=False):
     """Migrate legacy Debian VMs end to end under QEMU (root; several minutes each).
@@ -168,9 +169,14 @@ def e2e(c, scenario="all", keep=False):
 
     sys.path.insert(0, str(ROOT))
     from tests.e2e import E2EError, StaticNetwork, fallback, migrate
+    from tests.rig.bootimages import OLDER_RELEASE
     from tests.rig.legacy import LegacySpec, SwapPlacement
 
-    chosen = ["primary", "logical", "fallback", "static"] if scenario == "all" else [scenario]
+    scenarios = ["primary", "logical", "fallback", "static", "older"]
+    if scenario != "all" and scenario not in scenarios:
+        raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)} "
+                   "or all", code=2)
+    chosen = scenarios if scenario == "all" else [scenario]
     failed = False
     for name in chosen:
         work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
@@ -181,6 +187,10 @@ def e2e(c, scenario="all", keep=False):
                 print(f"{name}: stage 2 refused, the legacy system came back, rollback "
                       f"restored the swap ({result.swaps_after}) in "
                       f"{time.monotonic() - started:.0f} s")
+            elif name == "older":
+                migrated = migrate(LegacySpec(), work, release=OLDER_RELEASE)
+                print(f"{name}: migrated with the {OLDER_RELEASE.name} flasher in "
+                      f"{time.monotonic() - started:.0f} s\n{migrated.summary()}")
             elif name == "static":
                 migrated = migrate(LegacySpec(), work, network=StaticNetwork())
                 print(f"{name}: migrated in {time.monotonic() - started:.0f} s; resin-boot "
@@ -239,4 +249,4 @@ def lint(c):
     c.run(f"{sys.executable} -m mypy")
     vermin = Path(sys.executable).parent / "vermin"
     c.run(f"{vermin} --target=3.4- --violations --no-tips --eval-annotations runtime")
-    c.run("shellcheck runtime/resin-init-flasher")
+    c.run("shellcheck runtime/resin-migrate-stage2")

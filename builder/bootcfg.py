@@ -1,18 +1,29 @@
-"""The flasher's GRUB configuration: which kernel it boots, from where, with what arguments.
+"""The flasher's GRUB configuration: which kernel it boots, from where, with what arguments,
+and the arguments the device's own GRUB carries for it.
 
 Older flashers: `linux /vmlinuz root=LABEL=flash-rootA rootwait`, the kernel on flash-boot.
-Newer ones: `search --label flash-rootA ...` then `linux /boot/<kernel> ... flasher`, the
-kernel on the partition the search selects.
+Newer ones: `search --set=root --label flash-rootA` then `linux /boot/bzImage ... flasher`,
+the kernel on the partition the search selects; from balena-intel v2.51.1+rev5 the line
+ends with `${extra_os_cmdline}` (and `${extra_os_firmware_class_path}` from meta-balena
+v6.8.5), variables of the flasher's own GRUB environment (grub_extraenv) that mean nothing
+in the device's GRUB; from meta-balena v2.108.4 a production image adds
+`console=null quiet splash`, which would hide every kernel and stage 2 message.
 """
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from runtime.manifest import CMDLINE_PATTERN, PATH_PATTERN
+from runtime.manifest import CMDLINE_PATTERN, DROPPED_ARG_PATTERN, PATH_PATTERN
 
 from .errors import FlasherLayoutError
+
+#: Arguments that hide the kernel's and stage 2's messages.
+HIDING_ARGS = ("console=null", "quiet", "splash")
+#: Where stage 2's progress shows instead: the serial port, and the screen (the last
+#: console= is /dev/console, where systemd writes; stage 2 logs every line to both).
+CONSOLES = ("console=ttyS0,115200n8", "console=tty0")
 
 
 @dataclass(frozen=True)
@@ -20,11 +31,14 @@ class KernelEntry:
     kernel_label: str     # filesystem label of the partition holding the kernel
     kernel: str           # path on that partition
     initrd: str | None
-    cmdline: str
+    cmdline: str          # the arguments the device's GRUB passes
+    dropped: list[str] = field(default_factory=list)   # taken out of the entry's arguments
+    added: list[str] = field(default_factory=list)     # put in instead
 
 
 def first_kernel_entry(grub_cfg: str, own_label: str, where: str) -> KernelEntry:
-    """The kernel of the first menu entry in grub_cfg (read from the partition own_label)."""
+    """The kernel of the first menu entry in grub_cfg (read from the partition own_label),
+    with the arguments the device's GRUB can carry (see carry_args)."""
     label = own_label
     kernel = initrd = None
     args: list[str] = []
@@ -49,15 +63,35 @@ def first_kernel_entry(grub_cfg: str, own_label: str, where: str) -> KernelEntry
     if kernel is None:
         raise FlasherLayoutError(f"{where}: no 'linux' line in the flasher's grub.cfg; cannot "
                                  "tell which kernel boots the flasher")
-    cmdline = " ".join(args)
-    for name, value, pattern in (("kernel path", kernel, PATH_PATTERN),
-                                 ("initrd path", initrd, PATH_PATTERN),
-                                 ("kernel arguments", cmdline, CMDLINE_PATTERN)):
-        if value is not None and not pattern.match(value):
+    cmdline, dropped, added = carry_args(args, where)
+    for name, value in (("kernel path", kernel), ("initrd path", initrd)):
+        if value is not None and not PATH_PATTERN.match(value):
             raise FlasherLayoutError(f"{where}: the {name} {value!r} has characters the GRUB "
-                                     "entry cannot carry safely (allowed: "
-                                     f"{pattern.pattern})")
-    return KernelEntry(kernel_label=label, kernel=kernel, initrd=initrd, cmdline=cmdline)
+                                     f"entry cannot carry safely (allowed: {PATH_PATTERN.pattern})")
+    return KernelEntry(kernel_label=label, kernel=kernel, initrd=initrd, cmdline=cmdline,
+                       dropped=dropped, added=added)
+
+
+def carry_args(args: list[str], where: str) -> tuple[str, list[str], list[str]]:
+    """(cmdline, dropped, added): the flasher entry's arguments without its GRUB variables
+    (${...}) and without what hides stage 2, repeats removed; when no console is left, the
+    serial port and the screen are added. Any other argument must be a plain word."""
+    kept: list[str] = []
+    dropped: list[str] = []
+    for arg in args:
+        if "$" in arg or arg in HIDING_ARGS:
+            if not DROPPED_ARG_PATTERN.match(arg):
+                raise FlasherLayoutError(f"{where}: the kernel argument {arg!r} has characters "
+                                         "the manifest cannot record")
+            dropped.append(arg)
+        elif arg not in kept:
+            if not CMDLINE_PATTERN.match(arg):
+                raise FlasherLayoutError(
+                    f"{where}: the kernel argument {arg!r} has characters the GRUB entry "
+                    f"cannot carry safely (allowed: {CMDLINE_PATTERN.pattern})")
+            kept.append(arg)
+    added = [] if any(arg.startswith("console=") for arg in kept) else list(CONSOLES)
+    return " ".join(kept + added), dropped, added
 
 
 def _search_label(words: list[str]) -> str | None:
@@ -72,4 +106,3 @@ def _search_label(words: list[str]) -> str | None:
         rest = [w for w in words[words.index("-l") + 1:] if not w.startswith("-")]
         return rest[0] if rest else None
     return None
-

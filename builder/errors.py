@@ -2,7 +2,8 @@
 
 Exit codes (also listed by `invoke build-flasher --help` and in docs/builder.md):
   3  the input image is not in a format the builder reads, or is corrupt or truncated
-  4  the image's partition table or contents are not those of an intel-nuc flasher
+  4  the image's partition table or contents are not those of an intel-nuc flasher, or it
+     is a flasher this tool cannot repack (generic-amd64, signed, EFI-only, unknown units)
   5  the output directory exists and is not empty (use --force), or an option is invalid
   6  an external tool is missing or failed
   7  an edit inside a filesystem could not be verified
@@ -23,6 +24,10 @@ class InputFormatError(BuilderError):
 
 class FlasherLayoutError(BuilderError):
     exit_code = 4
+
+
+class UnsupportedFlasherError(FlasherLayoutError):
+    """A real flasher, of a kind or release the builder refuses by name."""
 
 
 class OptionError(BuilderError):

@@ -144,6 +144,52 @@ class Ext4Image:
         if self.entry(path) is not None:
             raise VerifyError(f"{self.name}: {path} is still there after removing it")
 
+    def rdump(self, path: str, dest: Path) -> None:
+        """Copy the directory path, recursively, into the host directory dest."""
+        self.debugfs(f'rdump {path} "{dest}"')
+
+    def read(self, path: str) -> bytes | None:
+        """The bytes of the file at path, or None when there is none."""
+        found = self.entry(path)
+        if found is None or not found.is_file:
+            return None
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / "file"
+            self.dump(path, copy)
+            return copy.read_bytes()
+
+    def readlink(self, path: str) -> str | None:
+        """The target of the symbolic link at path, or None when it is not one."""
+        try:
+            out = self.debugfs(f"stat {path}")
+        except BuilderError:
+            return None
+        if "Type: symlink" not in out:
+            return None
+        match = re.search(r'^Fast link dest: "(.*)"$', out, re.MULTILINE)
+        if match:
+            return match.group(1)
+        parent, _, name = path.rstrip("/").rpartition("/")
+        with tempfile.TemporaryDirectory() as scratch:  # a slow link: its target is data
+            self.rdump(parent, Path(scratch))
+            local = Path(scratch) / os.path.basename(parent) / name
+            return os.readlink(local) if local.is_symlink() else None
+
+    def symlink(self, path: str, target: str, mtime: int) -> None:
+        """A root-owned symbolic link at path (which must not exist) pointing to target."""
+        self.debugfs(f"symlink {path} {target}",
+                     *(f"set_inode_field {path} {field} {value}" for field, value in
+                       (("uid", 0), ("gid", 0), ("mtime", mtime), ("atime", mtime),
+                        ("ctime", mtime), ("crtime", mtime))), write=True)
+        if self.readlink(path) != target:
+            raise VerifyError(f"{self.name}: {path} does not read back as a link to {target}")
+
+    def mkdir(self, path: str, mtime: int) -> None:
+        self.debugfs(f"mkdir {path}",
+                     *(f"set_inode_field {path} {field} {value}" for field, value in
+                       (("uid", 0), ("gid", 0), ("mode", "040755"), ("mtime", mtime),
+                        ("atime", mtime), ("ctime", mtime), ("crtime", mtime))), write=True)
+
     def touch_dir(self, path: str, mtime: int) -> None:
         """Give a directory whose entries changed the fixed build time."""
         self.debugfs(*(f"set_inode_field {path} {field} {mtime}"
@@ -207,6 +253,10 @@ class FatImage:
             copy = Path(scratch) / "file"
             run(["mcopy", "-n", "-i", self.path, self._target(path), copy], env=self._env)
             return copy.read_bytes()
+
+    def read_if(self, path: str) -> bytes | None:
+        """The file's bytes, or None when there is no such file."""
+        return self.read(path) if self.exists(path) else None
 
     def listing(self) -> list[str]:
         """Every file and directory, recursively, as absolute paths."""

@@ -55,6 +55,21 @@ def probe(image: Path, offset: int, size: int) -> Probe:
                  version=values.get("VERSION"), uuid=values.get("UUID"))
 
 
+#: The partition type of a GPT disk's protective MBR entry.
+GPT_PROTECTIVE_TYPE = 0xEE
+
+
+def has_protective_mbr(image: Path) -> bool:
+    """Whether sector 0 is a GPT disk's protective MBR: a GPT disk, whatever state its
+    GPT headers are in (libparted gives up on a damaged primary header that sfdisk and
+    the firmware would recover from the backup)."""
+    with image.open("rb") as handle:
+        mbr = handle.read(512)
+    if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
+        return False
+    return any(mbr[446 + 16 * slot + 4] == GPT_PROTECTIVE_TYPE for slot in range(4))
+
+
 def read_layout(image: Path) -> Layout:
     """The image's partition table, with each partition's filesystem type and label."""
     try:

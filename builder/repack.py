@@ -1,15 +1,17 @@
 """The repack pipeline: a flasher image in, a migration bundle out.
 
 expand the input -> read and check its table -> take out flash-boot and flash-rootA ->
-in flash-rootA: compress the resinOS image, put in the stage 2 script, shrink ->
-in flash-boot: the fleet's config.json and network files -> compress each partition
-into the bundle -> manifest.json, resin-migrate.pyz, SHA256SUMS -> rename into place.
+recognise the release (version files) and its units -> complete the resinOS image for a
+legacy BIOS where needed and compress it -> in flash-rootA: stage 2 and its unit, the
+flasher's own flashing and registration units masked, the initramfs migrator's trigger
+removed, shrink -> in flash-boot: the fleet's config.json (checked, without its installer
+section) and network files -> compress each partition into the bundle -> manifest.json,
+resin-migrate.pyz, SHA256SUMS -> rename into place.
 """
 
 from __future__ import annotations
 
 import calendar
-import json
 import re
 import tempfile
 import time
@@ -25,23 +27,28 @@ from runtime.manifest import (
     SCHEMA_VERSION,
     Boot,
     DevicePartition,
+    Flasher,
     InnerImage,
     Manifest,
     Source,
     dumps,
 )
 
+from . import fleetconfig, units
+from .biosboot import complete_image
 from .blockmap import ExtentReader, block_map
 from .bootcfg import KernelEntry, first_kernel_entry
 from .bundle import RUNTIME_DIR, Staging, build_pyz, check_output_dir, write_sums
 from .compress import SUFFIX, Compressed, compress_chunks, compress_file
-from .errors import FlasherLayoutError, OptionError, VerifyError
+from .errors import FlasherLayoutError, OptionError, UnsupportedFlasherError, VerifyError
 from .formats import expand, extract_range
 from .fsedit import Entry, Ext4Image, FatImage, sha256_of
-from .layout import ReferenceLayout, check_labels, read_layout
+from .layout import ReferenceLayout, check_labels, has_protective_mbr, read_layout
 from .progress import Progress
+from .release import FlasherRelease, recognise
 
-STAGE2_SOURCE = RUNTIME_DIR / "resin-init-flasher"
+STAGE2_SOURCE = RUNTIME_DIR / "resin-migrate-stage2"
+STAGE2_UNIT_SOURCE = RUNTIME_DIR / units.STAGE2_UNIT
 MIB = 1 << 20
 # Free space left in flash-rootA after shrinking: the flasher runs from it.
 ROOTFS_HEADROOM = 16 * MIB
@@ -75,7 +82,7 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
     roles = flasher_ref.roles
     _check_compression_option("--compression", options.compression, allow_none=True)
     _check_compression_option("--stream-compression", options.stream_compression)
-    config = _read_config(options.config)
+    fleet_config = _read_config(options.config)
     network = _read_network(options.network)
     check_output_dir(options.out, options.force)
     workdir = options.workdir or options.out.resolve().parent
@@ -85,7 +92,13 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
             tempfile.TemporaryDirectory(prefix=".resin-migrate-work-", dir=workdir) as tmp:
         work = Path(tmp)
         raw = expand(options.image, work, progress)
-        layout = read_layout(raw.path)
+        # a protective MBR is enough: a damaged primary GPT header makes libparted fail
+        layout = None if has_protective_mbr(raw.path) else read_layout(raw.path)
+        if layout is None or layout.table == "gpt":
+            raise UnsupportedFlasherError(
+                f"{options.image}: a GPT partition table, as balena-generic's generic-amd64 "
+                "images have (EFI only, signed): resin-migrate repacks the msdos, legacy-BIOS "
+                "intel-nuc and genericx86-64-ext flashers; download one of those")
         check_labels(layout, flasher_ref, str(options.image), "an intel-nuc flasher image")
 
         images = {}
@@ -102,20 +115,33 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
         rootfs = Ext4Image(images["flash-rootA"], epoch=0, name=f"{options.image}:flash-rootA")
         rootfs.epoch = _last_write_time(rootfs)
         rootfs.check()
+        bootfs = FatImage(images["flash-boot"], rootfs.epoch, name=f"{options.image}:flash-boot")
+        release = recognise(_os_release(rootfs), bootfs.read_if("/device-type.json"),
+                            str(options.image))
+        progress.note(f"flasher: {release.describe()}")
+        # a fleet of another device type is refused before the long work, not after it
+        fleet = None if fleet_config is None else fleetconfig.for_resinos(
+            fleet_config, release.slug, f"--config {options.config}", fleet=True)
+        flag_file = _flag_file(bootfs, roles, release)
+        found_units = units.recognise(units.read_units(rootfs), rootfs.name)
         inner, inner_path = _find_inner_image(rootfs, roles)
+        if not any(rootfs.entry(path) for path in ("/bin/bash", "/usr/bin/bash")):
+            raise FlasherLayoutError(f"{rootfs.name}: no /bin/bash; stage 2's unit runs it")
         decompressors = _flasher_decompressors(rootfs)
         compression = options.compression or ("zstd" if "zstd" in decompressors else "gzip")
         if compression not in decompressors:
             raise OptionError(f"--compression {compression}: the flasher's root filesystem has "
                               f"no {compression} binary, so stage 2 could not decompress the "
                               f"image; use --compression {decompressors[0]}")
-        inner_image, packed = _compress_inner(rootfs, inner, inner_path, compression,
-                                              resinos_ref, work, progress, str(options.image))
-        rootfs_size = _finish_rootfs(rootfs, roles, inner_image, packed, work)
+        edits: list[str] = []
+        inner_image, packed = _compress_inner(rootfs, bootfs, inner, inner_path, compression,
+                                              resinos_ref, work, progress, str(options.image),
+                                              edits)
+        rootfs_size = _finish_rootfs(rootfs, roles, inner_image, packed, found_units, work,
+                                     edits)
 
-        bootfs = FatImage(images["flash-boot"], rootfs.epoch, name=f"{options.image}:flash-boot")
-        _edit_boot(bootfs, roles, config, network)
-        kernel = _kernel_entry(bootfs, rootfs)
+        edits += _edit_boot(bootfs, roles, release, fleet, network)
+        kernel = _kernel_entry(bootfs, rootfs, roles)
 
         partitions, streams = [], []
         for role in roles["device_partitions"]:
@@ -145,7 +171,9 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
             streams=streams,
             inner_image=inner_image,
             boot=Boot(kernel_label=kernel.kernel_label, kernel=kernel.kernel,
-                      initrd=kernel.initrd, cmdline=kernel.cmdline),
+                      initrd=kernel.initrd, cmdline=kernel.cmdline,
+                      dropped_args=kernel.dropped, added_args=kernel.added),
+            flasher=_flasher_record(release, flag_file, edits),
             flasher_decompressors=decompressors,
             network_files=sorted(network),
         )
@@ -159,6 +187,43 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
     return BuildResult(out=options.out, manifest=manifest, files=files)
 
 
+def _os_release(rootfs: Ext4Image) -> str | None:
+    """/etc/os-release, or /usr/lib/os-release where /etc has only a link to it."""
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        data = rootfs.read(path)
+        if data is not None:
+            return data.decode("utf-8", "replace")
+    return None
+
+
+def _flasher_record(release: FlasherRelease, flag_file: str, edits: list[str]) -> Flasher:
+    return Flasher(release=release.release, meta_balena=release.meta_balena,
+                   machine=release.machine, slug=release.slug, shape=release.shape.name,
+                   flag_file=flag_file, edits=edits)
+
+
+def _flag_file(bootfs: FatImage, roles: dict, release: FlasherRelease) -> str:
+    """The flasher flag file flash-boot holds (its name changed in meta-balena v2.72.0)."""
+    found = [path for path in roles["flag_files"] if bootfs.exists(path)]
+    if not found:
+        raise FlasherLayoutError(
+            f"{bootfs.name}: neither {' nor '.join(roles['flag_files'])} flag file; this is a "
+            f"balenaOS {release.release} image, not its flasher. Download the flasher image")
+    return found[0]
+
+
+def _signed(rootfs: Ext4Image, bootfs: FatImage, inner_path: str) -> str | None:
+    """What shows the flasher is a signed (secure boot) build, if anything does: the image's
+    signature beside it, the keys on flash-boot (meta-balena balena-image-flasher.bb adds
+    both only with SIGN_API). Not grub.cfg_internal_luks: balena-intel puts it on every
+    flasher from v2.87.26+rev1 (54726df)."""
+    if rootfs.entry(inner_path + ".sig") is not None:
+        return f"{inner_path}.sig beside the image"
+    if bootfs.exists("/balena-keys"):
+        return "/balena-keys on flash-boot"
+    return None
+
+
 def _check_compression_option(option: str, value: str | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -167,19 +232,14 @@ def _check_compression_option(option: str, value: str | None, allow_none: bool =
 
 
 def _read_config(path: Path | None) -> bytes | None:
+    """The bytes of --config, parsed once here so that a bad file is refused before any work."""
     if path is None:
         return None
     try:
         data = path.read_bytes()
-        parsed = json.loads(data)
     except OSError as exc:
         raise OptionError(f"--config {path}: cannot read it ({exc.strerror})") from exc
-    except ValueError as exc:
-        raise OptionError(f"--config {path}: not valid JSON ({exc}); give the config.json "
-                          "downloaded for the fleet") from exc
-    if not isinstance(parsed, dict):
-        raise OptionError(f"--config {path}: expected a JSON object, found "
-                          f"{type(parsed).__name__}")
+    fleetconfig.parse(data, f"--config {path}")
     return data
 
 
@@ -244,15 +304,24 @@ def _flasher_decompressors(rootfs: Ext4Image) -> list[str]:
     return found
 
 
-def _compress_inner(rootfs: Ext4Image, inner: Entry, inner_path: str, compression: str,
-                    resinos_ref: ReferenceLayout, work: Path, progress: Progress,
-                    image_name: str) -> tuple[InnerImage, Compressed]:
-    """Replace the raw resinOS image in flash-rootA by its block map's bytes, compressed."""
+def _compress_inner(rootfs: Ext4Image, bootfs: FatImage, inner: Entry, inner_path: str,
+                    compression: str, resinos_ref: ReferenceLayout, work: Path,
+                    progress: Progress, image_name: str, edits: list[str]
+                    ) -> tuple[InnerImage, Compressed]:
+    """Replace the raw resinOS image in flash-rootA by its block map's bytes, compressed,
+    after completing it for a legacy BIOS where it needs that (edits say what was done)."""
+    signed = _signed(rootfs, bootfs, inner_path)
+    if signed:
+        raise UnsupportedFlasherError(
+            f"{image_name}: a signed (secure boot) flasher ({signed}): the builder rewrites "
+            "the image and its boot partition, which would break their signatures. Use the "
+            "unsigned flasher of the same release")
     raw_copy = work / "inner.img"
     rootfs.dump(inner_path, raw_copy)
     inner_layout = read_layout(raw_copy)
     where = f"{image_name}:{inner_path}"
     check_labels(inner_layout, resinos_ref, where, "a resinOS image")
+    edits += complete_image(raw_copy, inner_layout, bootfs, work, progress, where)
     data_label = resinos_ref.roles["data_label"]
     mapped = block_map(raw_copy, inner_layout, where)
     if data_label not in mapped.free_by_partition:
@@ -280,11 +349,25 @@ def _compress_inner(rootfs: Ext4Image, inner: Entry, inner_path: str, compressio
 
 
 def _finish_rootfs(rootfs: Ext4Image, roles: dict, inner: InnerImage, packed: Compressed,
-                   work: Path) -> int:
-    """Put stage 2 in place, shrink, and prove both files read back intact; return the size."""
+                   found_units: units.FlasherUnits, work: Path, edits: list[str]) -> int:
+    """Put stage 2 and its unit in place, mask the flasher's own units, take away the
+    migrator's trigger, shrink, and prove every edit reads back; return the size."""
     stage2_path = roles["stage2_path"]
     rootfs.put_file(STAGE2_SOURCE, stage2_path, 0o755, 0, 0, rootfs.epoch)
-    for directory in sorted({inner.path.rsplit("/", 1)[0], stage2_path.rsplit("/", 1)[0]}):
+    edits.append(f"installed stage 2 as {stage2_path}")
+    edits += units.install(rootfs, found_units, STAGE2_UNIT_SOURCE, rootfs.epoch)
+    # The initramfs migrator (meta-balena v2.113.0 on) takes over a flasher booted from the
+    # only disk when the rootfs copy of flash-boot holds the flag file: without it, it
+    # declines and systemd starts stage 2. Both names: the copy follows the boot files.
+    copy_dir = roles["rootfs_boot_copy"]
+    triggers = [copy_dir + path for path in roles["flag_files"]
+                if rootfs.entry(copy_dir + path) is not None]
+    for trigger in triggers:
+        rootfs.remove(trigger)
+        edits.append(f"removed {trigger} from flash-rootA: the initramfs migrator (2.113 "
+                     "and later) takes over when it finds it")
+    for directory in sorted({inner.path.rsplit("/", 1)[0], stage2_path.rsplit("/", 1)[0],
+                             *(t.rsplit("/", 1)[0] for t in triggers)}):
         rootfs.touch_dir(directory, rootfs.epoch)
     rootfs.check()
     size = rootfs.shrink(ROOTFS_HEADROOM, PARTITION_ALIGN)
@@ -295,30 +378,45 @@ def _finish_rootfs(rootfs: Ext4Image, roles: dict, inner: InnerImage, packed: Co
         if found != digest:
             raise VerifyError(f"{rootfs.name}: {path} reads back with sha256 {found}, "
                               f"expected {digest}")
+    units.verify(rootfs, found_units, STAGE2_UNIT_SOURCE)
+    left = [t for t in (copy_dir + path for path in roles["flag_files"])
+            if rootfs.entry(t) is not None]
+    if left:
+        raise VerifyError(f"{rootfs.name}: {', '.join(left)} still there after removing it")
     packed.path.unlink()
     return size
 
 
-def _edit_boot(bootfs: FatImage, roles: dict, config: bytes | None,
-               network: dict[str, bytes]) -> None:
-    if not bootfs.exists(roles["flag_file"]):
-        raise FlasherLayoutError(f"{bootfs.name}: no {roles['flag_file']} flag file; this is "
-                                 "a resinOS image, not a flasher. Use the flasher image.")
-    if config is not None:
-        bootfs.put(config, roles["config_path"])
+def _edit_boot(bootfs: FatImage, roles: dict, release: FlasherRelease,
+               fleet: tuple[bytes, list[str]] | None, network: dict[str, bytes]) -> list[str]:
+    """config.json (fleet: the fleet's, as fleetconfig.for_resinos made it; else the
+    flasher's own, checked against the device type, without its installer section) and the
+    fleet's keyfiles on flash-boot."""
+    own = roles["config_path"]
+    if fleet is not None:
+        data, edits = fleet[0], ["config.json: the fleet's, from --config", *fleet[1]]
+    else:
+        present = bootfs.read_if(own)
+        if present is None:
+            raise FlasherLayoutError(f"{bootfs.name}: no {own}; give the fleet's with --config")
+        data, edits = fleetconfig.for_resinos(present, release.slug, f"{bootfs.name}{own}",
+                                              fleet=False)
+    if fleet is not None or edits:
+        bootfs.put(data, own)
     if network:
         bootfs.mkdir(roles["network_dir"])
-        for name, data in network.items():
-            bootfs.put(data, f"{roles['network_dir']}/{name}")
+        for name, body in network.items():
+            bootfs.put(body, f"{roles['network_dir']}/{name}")
+        edits.append(f"{len(network)} keyfiles of --network in {roles['network_dir']}")
     bootfs.check()
+    return edits
 
 
-def _kernel_entry(bootfs: FatImage, rootfs: Ext4Image) -> KernelEntry:
+def _kernel_entry(bootfs: FatImage, rootfs: Ext4Image, roles: dict) -> KernelEntry:
     """The flasher's kernel per its grub.cfg, checked to exist where GRUB will look."""
-    cfg_path = next((path for path in ("/grub.cfg", "/EFI/BOOT/grub.cfg")
-                     if bootfs.exists(path)), None)
+    cfg_path = next((path for path in roles["grub_cfgs"] if bootfs.exists(path)), None)
     if cfg_path is None:
-        raise FlasherLayoutError(f"{bootfs.name}: no grub.cfg (nor EFI/BOOT/grub.cfg); cannot "
+        raise FlasherLayoutError(f"{bootfs.name}: no {' nor '.join(roles['grub_cfgs'])}; cannot "
                                  "tell how the flasher boots")
     text = bootfs.read(cfg_path).decode("utf-8", "replace")
     entry = first_kernel_entry(text, "flash-boot", f"{bootfs.name}{cfg_path}")

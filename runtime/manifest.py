@@ -16,7 +16,7 @@ MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Any  # noqa: F401  # novermin
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The resinOS image is packed as the bytes of its block map only (what its filesystems
 # use, plus everything outside them), in extents aligned to EXTENT_ALIGN; its first
 # HEAD_BYTES (MBR, GRUB's core.img, the table) are always in the first extent, which
@@ -35,6 +35,11 @@ VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 # Kernel arguments end up in a GRUB script: words of plain characters only.
 CMDLINE_PATTERN = re.compile(r"^[A-Za-z0-9._=/:,+-]+( [A-Za-z0-9._=/:,+-]+)*$")
 FS_PATTERN = re.compile(r"^(ext4|vfat)$")
+# A kernel argument the builder dropped from the flasher's entry: GRUB variables included.
+DROPPED_ARG_PATTERN = re.compile(r"^[A-Za-z0-9._=/:,+${}-]{1,128}$")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# What the builder changed in the flasher, in words (never rendered into a script).
+EDIT_PATTERN = re.compile(r"^[A-Za-z0-9 ._/:,()+=@'-]{1,240}$")
 
 
 def _text(pattern):
@@ -241,13 +246,35 @@ class InnerImage(Record):
 
 
 class Boot(Record):
-    """How GRUB boots the flasher: its kernel (and initrd), where they are, and its arguments."""
+    """How GRUB boots the flasher: its kernel (and initrd), where they are, and its arguments.
+
+    cmdline is the flasher entry's arguments without what means nothing outside its own
+    GRUB (its ${...} variables) and without what would hide stage 2 (console=null, quiet,
+    splash): dropped_args lists what was taken out, added_args what was put in instead.
+    """
 
     FIELDS = (
         ("kernel_label", _text(LABEL_PATTERN)),  # the partition holding the kernel
         ("kernel", _text(PATH_PATTERN)),
         ("initrd", _optional(_text(PATH_PATTERN))),
         ("cmdline", _text(CMDLINE_PATTERN)),
+        ("dropped_args", _list_of(_text(DROPPED_ARG_PATTERN))),
+        ("added_args", _list_of(_text(CMDLINE_PATTERN))),
+    )
+
+
+class Flasher(Record):
+    """The flasher the bundle was built from, as the builder recognised it, and what the
+    builder changed in it so that stage 2, and only stage 2, runs when it boots."""
+
+    FIELDS = (
+        ("release", _text(VERSION_PATTERN)),      # os-release VERSION (the host OS's)
+        ("meta_balena", _optional(_text(VERSION_PATTERN))),
+        ("machine", _text(NAME_PATTERN)),         # genericx86-64, genericx86-64-ext
+        ("slug", _text(NAME_PATTERN)),            # device-type.json: intel-nuc, ...
+        ("shape", _text(VERSION_PATTERN)),        # the release shape recognised
+        ("flag_file", _text(PATH_PATTERN)),       # on flash-boot
+        ("edits", _list_of(_text(EDIT_PATTERN))),
     )
 
 
@@ -272,6 +299,7 @@ class Manifest(Record):
         ("streams", _list_of(lambda value, where: Stream.from_dict(value, where))),
         ("inner_image", InnerImage),
         ("boot", Boot),
+        ("flasher", Flasher),
         ("flasher_decompressors", _list_of(_choice(COMPRESSIONS))),
         # the fleet's NetworkManager keyfiles (builder --network) on flash-boot, by name
         ("network_files", _list_of(_text(FILE_PATTERN))),

@@ -3,12 +3,17 @@
     result = migrate(LegacySpec(), workdir)          # raises E2EError naming the phase
     print(result.summary())
 
-The bootable flasher (tests.rig.bootimages) goes through `invoke build-flasher`'s code; the
-bundle and a backup script are copied onto a bootable legacy disk (tests.rig.bootable);
-QEMU boots it by BIOS and stays up across the guest's reboots: the legacy system runs
-`resin-migrate.pyz stage1 --yes --reboot`, GRUB's one-shot entry boots the flasher from
-the former swap area, stage 2 writes resinOS and reboots, the resinOS stand-in reports on
-the serial console and powers off. Nothing on the path is mocked.
+The bootable flasher of a release row (tests.rig.bootimages: 2.113 by default, with its
+systemd units and the initramfs migrator's stand-in; 2.51 for the older scenario) goes
+through `invoke build-flasher`'s code; the bundle and a backup script are copied onto a
+bootable legacy disk (tests.rig.bootable); QEMU boots it by BIOS and stays up across the
+guest's reboots: the legacy system runs `resin-migrate.pyz stage1 --yes --reboot`, GRUB's
+one-shot entry boots the flasher from the former swap area, its initramfs migrator
+declines, systemd starts stage 2 through the unit the builder installed (the flasher's own
+flashing and registration units masked), stage 2 writes resinOS and reboots, the resinOS
+stand-in reports on the serial console and powers off: the fleet's config.json without its
+installer section, the proxy configuration and splash from flash-boot, the backup. Nothing
+on the path is mocked.
 
 The fallback scenario corrupts backup.tgz on flash-data after stage 1: stage 2 refuses and
 reboots, the legacy system comes back by itself, `status` shows stage 2's reason, and
@@ -28,6 +33,7 @@ from __future__ import annotations
 import configparser
 import hashlib
 import ipaddress
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -35,8 +41,16 @@ from pathlib import Path
 
 from builder.progress import Progress
 from builder.repack import BuildOptions, build
+from tests.releases import Release
 from tests.rig.bootable import BootResult, boot, bootable_legacy_image
-from tests.rig.bootimages import ResinosReport, cached_bootable_flasher, parse_report
+from tests.rig.bootimages import (
+    FLASHER_RELEASE,
+    MIGRATOR_MARKER,
+    PROXY_CONF,
+    ResinosReport,
+    cached_bootable_flasher,
+    parse_report,
+)
 from tests.rig.legacy import APPDATA_DIR, LegacySpec, appdata_files, attached, mounted_root
 from tests.tools import blkid, sfdisk_json, sh
 
@@ -221,10 +235,10 @@ def last_phase(times: dict[str, float]) -> str:
     return names[index + 1] if index + 1 < len(names) else "after the report"
 
 
-def build_bundle(workdir: Path, quiet: bool = True) -> Path:
+def build_bundle(workdir: Path, release: Release = FLASHER_RELEASE, quiet: bool = True) -> Path:
     out = workdir / "bundle"
-    build(BuildOptions(image=cached_bootable_flasher(), out=out, config=CONFIG, force=True),
-          Progress(quiet=quiet))
+    build(BuildOptions(image=cached_bootable_flasher(release), out=out, config=CONFIG,
+                       force=True), Progress(quiet=quiet))
     return out
 
 
@@ -249,12 +263,13 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
 
 
 def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
-            network: StaticNetwork | None = None) -> E2EResult:
-    """Migrate a legacy VM of this layout end to end; E2EError unless resinOS reports the
-    fleet's config.json and the backup of /srv/appdata byte for byte. With network, the
-    legacy device is configured so (see StaticNetwork) and its keyfiles must be on the
-    migrated resin-boot, its WiFi key in no log (check_network)."""
-    bundle = build_bundle(workdir)
+            network: StaticNetwork | None = None,
+            release: Release = FLASHER_RELEASE) -> E2EResult:
+    """Migrate a legacy VM of this layout end to end with the bootable flasher of release;
+    E2EError unless resinOS reports what check_report lists. With network, the legacy
+    device is configured so (see StaticNetwork) and its keyfiles must be on the migrated
+    resin-boot, its WiFi key in no log (check_network)."""
+    bundle = build_bundle(workdir, release)
     disk = prepare_disk(spec, bundle, workdir, network.files if network else None)
     # where flash-data will be: the old swap area (from the start without a swap partition)
     swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0] \
@@ -266,31 +281,49 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
         raise E2EError(last_phase(times), f"no resinOS report ({result.reason} after "
                                           f"{result.seconds:.0f} s)", result)
     report = parse_report(result.serial0_text)
-    check_report(report, result)
+    check_report(report, result, release)
     keyfiles = check_network(network, disk, swap_start, result) if network else {}
     return E2EResult(boot=result, report=report, times=times, keyfiles=keyfiles)
 
 
-def check_report(report: ResinosReport, result: BootResult) -> None:
-    """What the migrated device must show: resinOS's labels, the fleet's config.json, the
-    backup of /srv/appdata file by file, and stage 2's log on resin-boot."""
+def check_report(report: ResinosReport, result: BootResult, release: Release) -> None:
+    """What the migrated device must show: resinOS's labels, the fleet's config.json without
+    its installer section, flash-boot's proxy configuration and splash, the backup of
+    /srv/appdata file by file, and stage 2's log on resin-boot; and on the way, that the
+    flasher's migrator declined (where the row has one) and its own flashing and
+    registration never ran."""
     problems = []
     wanted_labels = {"resin-boot", "resin-rootA", "resin-rootB", "resin-state", "resin-data"}
     if not wanted_labels <= set(report.labels):
         problems.append(f"labels {report.labels}, expected {sorted(wanted_labels)}")
-    config_sha = hashlib.sha256(CONFIG.read_bytes()).hexdigest()
-    if report.first("config_sha256") != config_sha:
-        problems.append(f"config.json sha256 {report.first('config_sha256')}, "
-                        f"expected the fleet's {config_sha}")
-    files = {}
-    for value in report.all("backup_file_sha256"):
-        digest, _, name = value.partition(" ")
-        files[name] = digest
+    fleet = json.loads(CONFIG.read_text())
+    try:
+        config = json.loads(report.first("config_json") or "null")
+    except ValueError:
+        config = None
+    if "installer" not in fleet:
+        problems.append(f"{CONFIG} has no installer section: the check proves nothing")
+    if config != {key: value for key, value in fleet.items() if key != "installer"}:
+        problems.append(f"resin-boot's config.json is {config}, expected the fleet's without "
+                        "its installer section")
+    boot_files = report.files("boot_file")
+    if boot_files.get("system-proxy/redsocks.conf") != hashlib.sha256(PROXY_CONF).hexdigest():
+        problems.append(f"no system-proxy/redsocks.conf from flash-boot on resin-boot "
+                        f"(found {sorted(boot_files)})")
+    if not any(name.startswith("splash/") for name in boot_files):
+        problems.append("no splash/ from flash-boot on resin-boot")
+    files = report.files("backup_file_sha256")
     expected = {name: hashlib.sha256(data).hexdigest() for name, data in appdata_files().items()}
     if files != expected:
         problems.append(f"backup.tgz holds {files}, expected /srv/appdata: {expected}")
     if report.first("migrate_log") != "yes":
         problems.append("no /resin-migrate.log on resin-boot")
+    console = result.serial0_text
+    if release.migrator and f"{MIGRATOR_MARKER} not enabled" not in console:
+        problems.append("the flasher's initramfs migrator did not say it declined")
+    for line in ("resin-device-register: cannot reach", "resin-init-flasher: no internal device"):
+        if line in console:
+            problems.append(f"the flasher's own unit ran: {line!r} on the console")
     if problems:
         raise E2EError("resinOS report", "; ".join(problems), result)
 
@@ -405,8 +438,10 @@ def check_network(net: StaticNetwork, disk: Path, swap_start: int,
     if listing.returncode != 0:
         raise E2EError(phase, "resin-boot has no system-connections/: "
                        f"{listing.stderr.decode(errors='replace').strip()}", result)
-    names = sorted(line.strip().rsplit("/", 1)[-1]
-                   for line in listing.stdout.decode().splitlines() if line.strip())
+    # *.ignore: the samples balenaOS ships there, which NetworkManager skips
+    names = sorted(name for name in (line.strip().rsplit("/", 1)[-1]
+                                     for line in listing.stdout.decode().splitlines())
+                   if name and not name.endswith(".ignore"))
     texts = {name: sh("mcopy", "-n", "-i", fat, f"::/system-connections/{name}", "-")
              .stdout.decode() for name in names}
     problems: list[str] = []

@@ -1,7 +1,7 @@
 """Stage 2's image writer, run on this host's loop devices (tests and `invoke bench`).
 
 Stage 2 itself needs the flasher around it (flash-data, flash-boot's FAT mounted); its
-writer does not. Sourced with RESIN_MIGRATE_LIBRARY=1, runtime/resin-init-flasher only
+writer does not. Sourced with RESIN_MIGRATE_LIBRARY=1, runtime/resin-migrate-stage2 only
 defines its functions, and this harness calls load_extents, write_image, the head write
 and verify_image in the order stage 2's main flow does.
 """
@@ -19,7 +19,7 @@ from tests.rig.legacy import _detach, _wait_for_nodes
 from tests.tools import sh
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE2 = ROOT / "runtime" / "resin-init-flasher"
+STAGE2 = ROOT / "runtime" / "resin-migrate-stage2"
 
 _HARNESS = r"""
 set -u -o pipefail

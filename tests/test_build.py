@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 from builder.progress import Progress
 from builder.repack import BuildOptions, BuildResult, build
 from runtime.manifest import load
-from tests.synthetic import INNER_NAME, build_resinos_image, cached_flasher
+from tests.releases import DEFAULT
+from tests.synthetic import build_resinos_image, cached_flasher
 from tests.tools import (
     blkid,
     debugfs_cat,
@@ -30,7 +32,9 @@ from tests.tools import (
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "data" / "config.json"
-STAGE2 = ROOT / "runtime" / "resin-init-flasher"
+STAGE2 = ROOT / "runtime" / "resin-migrate-stage2"
+STAGE2_PATH = "/usr/bin/resin-migrate-stage2"
+INNER_NAME = DEFAULT.inner_name
 QUIET = Progress(quiet=True)
 KEYFILE = b"""[connection]
 id=office-wifi
@@ -93,9 +97,12 @@ def test_manifest_describes_the_device_partitions(built: BuildResult) -> None:
     for stream in manifest.streams:
         assert stream.compression == "gzip"
         assert (built.out / stream.file).stat().st_size == stream.size
-    assert manifest.boot.kernel_label == "flash-boot"
-    assert manifest.boot.kernel == "/vmlinuz"
+    # the default row (a current release) boots /boot/bzImage from flash-rootA
+    assert manifest.boot.kernel_label == "flash-rootA"
+    assert manifest.boot.kernel == DEFAULT.kernel_path == "/boot/bzImage"
     assert "root=LABEL=flash-rootA" in manifest.boot.cmdline.split()
+    assert manifest.flasher.release == DEFAULT.version
+    assert manifest.flasher.flag_file == f"/{DEFAULT.flag_file}"
     assert manifest.source.format == "raw"
     assert manifest.source.sha256 == sha256(cached_flasher())
     assert manifest.flasher_decompressors == ["gzip", "zstd"]
@@ -116,10 +123,14 @@ def test_flash_boot_carries_the_fleet_config_and_network_files(streams) -> None:
     found = blkid(boot)
     assert (found["LABEL"], found["TYPE"], found["VERSION"]) == ("flash-boot", "vfat", "FAT16")
     assert sh("fsck.vfat", "-n", boot, check=False).returncode == 0
-    assert fat_read(boot, "/config.json") == CONFIG.read_bytes()
+    # the fleet's config.json, without the installer section that steers only the flasher
+    fleet = json.loads(CONFIG.read_bytes())
+    assert "installer" in fleet
+    del fleet["installer"]
+    assert json.loads(fat_read(boot, "/config.json")) == fleet
     assert fat_read(boot, "/system-connections/office-wifi") == KEYFILE
     files = fat_files(boot)
-    assert "/resin-image-flasher" in files and "/vmlinuz" in files
+    assert f"/{DEFAULT.flag_file}" in files and "/grub/grub.cfg" in files
     assert "/system-connections/wired-static.nmconnection" in files
 
 
@@ -133,8 +144,8 @@ def test_flash_roota_holds_stage2_and_the_compressed_image(built, streams, tmp_p
     assert (found["LABEL"], found["TYPE"]) == ("flash-rootA", "ext4")
     check = e2fsck_clean(root)
     assert check.returncode == 0, check.stdout
-    assert debugfs_cat(root, "/usr/bin/resin-init-flasher") == STAGE2.read_bytes()
-    stat = debugfs_stat(root, "/usr/bin/resin-init-flasher")
+    assert debugfs_cat(root, STAGE2_PATH) == STAGE2.read_bytes()
+    stat = debugfs_stat(root, STAGE2_PATH)
     assert "Mode:  0755" in stat and "User:     0   Group:     0" in stat
     inner = built.manifest.inner_image
     assert inner.original_path == f"/opt/{INNER_NAME}"
@@ -173,12 +184,13 @@ def test_flash_roota_was_shrunk_to_what_it_holds(built, streams) -> None:
     inner = built.manifest.inner_image
     assert size < flasher_root / 2
     assert size % (4 << 20) == 0
+    header = dict(line.split(":", 1) for line in sh("dumpe2fs", "-h", streams["flash-rootA"])
+                  .stdout.decode().splitlines() if ":" in line)
+    # the journal keeps the size mke2fs gave the input's (larger) filesystem
+    journal = int(header["Total journal size"].strip().removesuffix("M")) << 20
     # what it holds plus headroom, no more: the compressed image takes most of it
-    assert inner.size < size < inner.size + (48 << 20)
-    free = sh("dumpe2fs", "-h", streams["flash-rootA"]).stdout.decode()
-    free_blocks = int(next(line.split(":")[1] for line in free.splitlines()
-                           if line.startswith("Free blocks:")))
-    assert free_blocks * 4096 >= 8 << 20
+    assert inner.size < size < inner.size + journal + (48 << 20)
+    assert int(header["Free blocks"]) * 4096 >= 8 << 20
 
 
 @pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"])

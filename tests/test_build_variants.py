@@ -7,6 +7,7 @@ A refusal is one paragraph on stderr (no traceback), a documented exit code, not
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from runtime.manifest import load
+from tests.releases import DEFAULT, RELEASES
 from tests.synthetic import FlasherSpec, build_resinos_image, cached_flasher
-from tests.tools import debugfs_cat, decompress, extents_sha256, sha256
+from tests.tools import debugfs_cat, decompress, extents_sha256, sfdisk_json, sh, sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -56,7 +58,7 @@ def test_flasher_without_zstd_gets_a_gzip_inner_image(tmp_path: Path) -> None:
     manifest = load(str(tmp_path / "out"))
     inner = manifest.inner_image
     assert manifest.flasher_decompressors == ["gzip"]
-    assert inner.compression == "gzip" and inner.path.endswith(".resinos-img.gz")
+    assert inner.compression == "gzip" and inner.path == f"/opt/{DEFAULT.inner_name}.gz"
     root = decompress(tmp_path / "out" / "flash-rootA.gz", tmp_path / "rootA.img")
     packed = tmp_path / "inner.gz"
     packed.write_bytes(debugfs_cat(root, inner.path))
@@ -68,8 +70,8 @@ def test_flasher_without_zstd_gets_a_gzip_inner_image(tmp_path: Path) -> None:
 
 
 def test_newer_flasher_naming_and_grub_entry(tmp_path: Path) -> None:
-    spec = FlasherSpec(inner_name="balena-image-genericx86-64.balenaos-img",
-                       kernel_name="bzImage", newer_grub_cfg=True)
+    # balena names, /boot/bzImage in flash-rootA, `flasher` (the 2.95 row; see tests.releases)
+    spec = FlasherSpec(release=RELEASES["2.95"])
     result = build_flasher("--image", cached_flasher(spec), "--out", tmp_path / "out",
                            "--compression", "gzip", "--stream-compression", "zstd")
     assert result.returncode == 0, result.stderr
@@ -150,6 +152,79 @@ def test_bad_input_is_refused_and_leaves_nothing(make_input, extra, code, messag
     assert result.stderr.startswith("build-flasher: ")
     assert not (dist / "nuc").exists()
     assert not dist.exists() or list(dist.iterdir()) == []
+
+
+def _with_os_release(tmp: Path, **fields: str) -> Path:
+    """A copy of the default flasher whose flash-rootA /etc/os-release has fields changed,
+    edited in the copy with debugfs -w at the partition's offset (no root, no mount)."""
+    image = tmp / "flasher.img"
+    sh("cp", "--sparse=always", cached_flasher(), image)
+    offset = sfdisk_json(image)["partitions"][1]["start"] * 512
+    rootfs = f"{image}?offset={offset}"
+    lines = debugfs_cat(rootfs, "/etc/os-release").decode().splitlines()
+    edited = [next((f'{key}="{fields[key]}"' for key in fields if line.startswith(key + "=")),
+                   line) for line in lines]
+    assert edited != lines
+    local = tmp / "os-release"
+    local.write_text("\n".join(edited) + "\n")
+    commands = tmp / "debugfs-commands"
+    commands.write_text(f"rm /etc/os-release\nwrite {local} /etc/os-release\n")
+    sh("debugfs", "-w", "-f", commands, rootfs)
+    # debugfs exits 0 when a command fails: read the edit back
+    assert debugfs_cat(rootfs, "/etc/os-release") == local.read_bytes()
+    return image
+
+
+def _ext_fleet_config(tmp: Path) -> Path:
+    """The test fleet's config.json, for a fleet of genericx86-64-ext devices."""
+    config = json.loads(CONFIG.read_bytes())
+    config["deviceType"] = "genericx86-64-ext"
+    path = tmp / "config.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def _spec(**knobs: bool):
+    return lambda tmp: (cached_flasher(FlasherSpec(**knobs)), ())
+
+
+@pytest.mark.parametrize(("make_input", "code", "found", "todo"), [
+    (_spec(gpt=True), 4, "a GPT partition table", "download one of those"),
+    (_spec(signed=True), 4, "a signed (secure boot) flasher (/opt/balena-image-",
+     "Use the unsigned flasher of the same release"),
+    # flash-boot keeps its BIOS GRUB: the image itself has none (no /grub/i386-pc)
+    (_spec(efi_only=True), 4, "the resinOS image boots by EFI only", "use a newer flasher"),
+    (_spec(with_flasher_unit=False), 4, "no unit runs resin-init-flasher",
+     "use an unmodified intel-nuc or genericx86-64-ext flasher"),
+    (lambda tmp: (cached_flasher(), ("--config", _ext_fleet_config(tmp))), 5,
+     "deviceType 'genericx86-64-ext', but this flasher is for 'intel-nuc'",
+     "Download the genericx86-64-ext flasher"),
+    (lambda tmp: (_with_os_release(tmp, MACHINE="generic-amd64"), ()), 4,
+     "balenaOS 6.10.24 for generic-amd64 (balena-generic)",
+     "Download the intel-nuc or genericx86-64-ext flasher"),
+    (lambda tmp: (_with_os_release(tmp, MACHINE="raspberrypi4-64"), ()), 4,
+     "for the machine raspberrypi4-64", "download the intel-nuc or genericx86-64-ext"),
+    (lambda tmp: (_with_os_release(tmp, VERSION="1.30.1", VERSION_ID="1.30.1"), ()), 4,
+     "resinOS 1.30.1 is a 1.x release", "needs a 2.x or later flasher"),
+], ids=["gpt", "signed", "efi-only", "unknown-units", "device-type-mismatch", "generic-amd64",
+        "other-machine", "release-1.x"])
+def test_flasher_it_cannot_repack_is_refused_and_nothing_changes(
+        make_input, code, found, todo, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image, extra = make_input(inputs)
+    given = [image, *(arg for arg in extra if isinstance(arg, Path))]
+    before = {path: sha256(path) for path in given}
+    dist = tmp_path / "dist"
+    result = build_flasher("--image", image, "--out", dist / "nuc", *extra)
+    assert result.returncode == code, result.stderr
+    message = result.stderr.strip()
+    # one paragraph: what was found, and what to do
+    assert message.startswith("build-flasher: ") and "\n\n" not in message, message
+    assert "Traceback" not in message
+    assert found in message and todo in message, message
+    assert not dist.exists() or list(dist.iterdir()) == []
+    assert {path: sha256(path) for path in given} == before
 
 
 def test_non_empty_out_is_refused_unless_forced(tmp_path: Path) -> None:

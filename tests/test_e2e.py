@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import StaticNetwork, fallback, migrate
+from tests.rig.bootimages import FLASHER_RELEASE, OLDER_RELEASE
 from tests.rig.legacy import LegacySpec, SwapPlacement
 
 pytestmark = [pytest.mark.vm, pytest.mark.loop]
@@ -18,8 +19,16 @@ pytestmark = [pytest.mark.vm, pytest.mark.loop]
 @pytest.mark.parametrize("placement", [SwapPlacement.PRIMARY, SwapPlacement.LOGICAL],
                          ids=["primary-swap", "logical-swap"])
 def test_legacy_vm_migrates_to_resinos(placement: SwapPlacement, tmp_path: Path) -> None:
-    result = migrate(LegacySpec(placement=placement), tmp_path)
-    print(f"\nmigration of the {placement.value}-swap layout:\n{result.summary()}")
+    """With the 2.113 flasher: its initramfs migrator declines, systemd runs stage 2."""
+    result = migrate(LegacySpec(placement=placement), tmp_path, release=FLASHER_RELEASE)
+    print(f"\nmigration of the {placement.value}-swap layout with the {FLASHER_RELEASE.name} "
+          f"flasher:\n{result.summary()}")
+
+
+def test_an_older_flasher_migrates_too(tmp_path: Path) -> None:
+    """With the 2.51 flasher: resin names, GRUB variables on its kernel line, no migrator."""
+    result = migrate(LegacySpec(), tmp_path, release=OLDER_RELEASE)
+    print(f"\nmigration with the {OLDER_RELEASE.name} flasher:\n{result.summary()}")
 
 
 def test_stage2_refusal_falls_back_and_rollback_restores_swap(tmp_path: Path) -> None:

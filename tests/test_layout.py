@@ -1,10 +1,14 @@
-"""The Layout model: from parted's text, from the reference files, round trips."""
+"""The Layout model: from parted's text, from the reference files, round trips; GPT
+disks told by their protective MBR."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from builder.layout import ReferenceLayout, parse_parted_print
+from builder.layout import ReferenceLayout, has_protective_mbr, parse_parted_print
 from runtime.layout import Layout, LayoutError
 
 # `parted IMAGE unit s print` of a 2.x intel-nuc flasher (REFERENCE.md), with the header
@@ -83,3 +87,23 @@ def test_layout_round_trips_and_rejects_bad_values() -> None:
     past_end["disk_size"] = 1000
     with pytest.raises(LayoutError, match="past the end of the disk"):
         Layout.from_dict(past_end)
+
+
+def test_a_gpt_disk_is_told_by_its_protective_mbr(tmp_path: Path) -> None:
+    disks = {}
+    for table in ("dos", "gpt"):
+        disk = tmp_path / f"{table}.img"
+        with disk.open("wb") as handle:
+            handle.truncate(64 << 20)
+        subprocess.run(["sfdisk", "-q", str(disk)], check=True,
+                       input=f"label: {table}\nstart=2048, size=8192\n".encode())
+        disks[table] = disk
+    assert has_protective_mbr(disks["gpt"]) and not has_protective_mbr(disks["dos"])
+    # with its primary GPT header overwritten (sector 1), it is still a GPT disk
+    with disks["gpt"].open("r+b") as handle:
+        handle.seek(512)
+        handle.write(b"\0" * 512)
+    assert has_protective_mbr(disks["gpt"])
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(4096))
+    assert not has_protective_mbr(blank)

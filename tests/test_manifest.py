@@ -13,6 +13,7 @@ from runtime.manifest import (
     SCHEMA_VERSION,
     Boot,
     DevicePartition,
+    Flasher,
     InnerImage,
     Manifest,
     Source,
@@ -47,8 +48,15 @@ def _manifest() -> Manifest:
             stream_size=504 << 20, stream_sha256=SHA,
             extents=[[0, 4 << 20, SHA], [4 << 20, 100 << 20, SHA], [400 << 20, 400 << 20, SHA]],
             layout=ReferenceLayout.load("resinos-image").layout, data_free=850 << 20),
-        boot=Boot(kernel_label="flash-boot", kernel="/vmlinuz", initrd=None,
-                  cmdline="root=LABEL=flash-rootA rootwait"),
+        boot=Boot(kernel_label="flash-rootA", kernel="/boot/bzImage", initrd=None,
+                  cmdline="root=LABEL=flash-rootA flasher rootwait vt.global_cursor_default=0 "
+                          "console=ttyS0,115200n8 console=tty0",
+                  dropped_args=["console=null", "quiet", "splash", "${extra_os_cmdline}"],
+                  added_args=["console=ttyS0,115200n8", "console=tty0"]),
+        flasher=Flasher(release="2.113.34", meta_balena="2.113.35", machine="genericx86-64",
+                        slug="intel-nuc", shape="2.113", flag_file="/balena-image-flasher",
+                        edits=["masked resin-init-flasher.service (it ran resin-init-flasher)",
+                               "removed /flash-boot/balena-image-flasher from flash-rootA"]),
         flasher_decompressors=["gzip", "zstd"],
         network_files=["office-wifi"],
     )
@@ -69,6 +77,13 @@ def test_round_trip_is_stable() -> None:
     (("inner_image", "compression"), "lz4", r"inner_image\.compression"),
     (("partitions", 2, "grows"), "yes", r"partitions\[2\]\.grows"),
     (("inner_image", "layout", "partitions", 0, "label"), "a b", r"layout\.partitions\[0\]"),
+    (("boot", "added_args", 0), "console=tty0;reboot", r"boot\.added_args\[0\]"),
+    (("boot", "dropped_args", 1), "$(reboot)", r"boot\.dropped_args\[1\]"),
+    (("boot", "dropped_args"), "quiet", r"boot\.dropped_args: expected a list"),
+    (("flasher", "release"), "2.113.34; reboot", r"flasher\.release"),
+    (("flasher", "machine"), "Generic AMD64", r"flasher\.machine"),
+    (("flasher", "flag_file"), "../balena-image-flasher", r"flasher\.flag_file"),
+    (("flasher", "edits", 0), "masked `reboot`", r"flasher\.edits\[0\]"),
 ])
 def test_bad_values_are_refused_naming_the_field(path, value, message) -> None:
     data = json.loads(dumps(_manifest()))
@@ -107,7 +122,14 @@ def test_other_schema_versions_and_broken_json_are_refused() -> None:
         loads(json.dumps(data).encode())
     with pytest.raises(ManifestError, match="not valid JSON"):
         loads(b'{"schema": 1,')
-    del data["boot"]
     data["schema"] = SCHEMA_VERSION
-    with pytest.raises(ManifestError, match="'boot' is missing"):
+    for record in ("boot", "flasher"):
+        partial = copy.deepcopy(data)
+        del partial[record]
+        with pytest.raises(ManifestError, match=f"'{record}' is missing"):
+            loads(json.dumps(partial).encode())
+    # a schema 2 manifest (no flasher record, no dropped/added arguments) is not read as 3
+    del data["flasher"]
+    data["schema"] = 2
+    with pytest.raises(ManifestError, match="schema version"):
         loads(json.dumps(data).encode())

@@ -180,8 +180,12 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
                   and line.removeprefix(mark).split()[2] == "swap"]
     assert len(swap_lines) == 1 and swap_lines[0].startswith(mark)
     entry = (device.sysroot / "etc/grub.d/42_resin-migrate").read_text()
-    assert f"search --no-floppy --fs-uuid --set=root {labels[0]['UUID']}" in entry
-    assert "linux /vmlinuz root=LABEL=flash-rootA rootwait" in entry
+    # the root GRUB searches for: the filesystem holding the kernel (flash-rootA's since
+    # balena-intel v2.21.0+rev1, the default test flasher's too)
+    assert manifest.boot.kernel_label == "flash-rootA"
+    assert f"search --no-floppy --fs-uuid --set=root {labels[1]['UUID']}" in entry
+    assert f"linux /boot/bzImage {manifest.boot.cmdline}\n" in entry
+    assert "root=LABEL=flash-rootA flasher rootwait" in entry
     assert "--id resin-migrate-flasher" in (device.sysroot / "boot/grub/grub.cfg").read_text()
     assert next_entry(device.sysroot) == "resin-migrate-flasher"
 
@@ -434,9 +438,11 @@ def test_stage1_memory_stays_small_with_a_1gib_stream(tmp_path: Path,
     shutil.copytree(synthetic_bundle, bundle)
     raw = tmp_path / "rootA.img"
     rng = random.Random(7)
-    with raw.open("wb") as handle:
-        handle.truncate(1 << 30)
-        for offset in range(0, 1 << 30, 64 << 20):    # 1 MiB of noise every 64 MiB
+    # an ext4 filesystem (stage 1's GRUB entry finds the kernel's partition by its UUID)
+    # with 1 MiB of noise every 64 MiB after its first block group
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "flash-rootA", str(raw), "1G"], check=True)
+    with raw.open("r+b") as handle:
+        for offset in range(64 << 20, 1 << 30, 64 << 20):
             handle.seek(offset)
             handle.write(rng.randbytes(1 << 20))
     with (bundle / "flash-rootA.gz").open("wb") as out:

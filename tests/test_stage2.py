@@ -1,4 +1,4 @@
-"""Stage 2 (runtime/resin-init-flasher) on a disk exactly as stage 1 leaves it.
+"""Stage 2 (runtime/resin-migrate-stage2) on a disk exactly as stage 1 leaves it.
 
 The disk is made by running stage 1 itself on a legacy Debian disk. The refusals run on
 this host's loop devices; the full write needs resin-boot (FAT) mounted, which only a
@@ -8,6 +8,7 @@ real kernel with vfat can do, so it runs inside a QEMU VM.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from tests.test_stage1 import MOUNT_OPTIONS, PYTHON, backup_script_for
 from tests.tools import read_range, sfdisk_json, sh
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE2 = ROOT / "runtime" / "resin-init-flasher"
+STAGE2 = ROOT / "runtime" / "resin-migrate-stage2"
 
 
 def make_stage1_disk(spec: LegacySpec, bundle: Path, dest: Path) -> Path:
@@ -144,19 +145,29 @@ def test_refusal_before_the_point_of_no_return(harm, reason, tmp_path: Path,
         assert "stage 2's log on flash-data" in status.stdout and reason in status.stdout
 
 
-def _run_stage2_in_vm(image: Path, numbers: dict[str, int]):
+def _run_stage2_in_vm(image: Path, numbers: dict[str, int], flasher_mount: bool):
+    """Stage 2 in the tools VM; flasher_mount: flash-boot is already mounted read-only at
+    /mnt/boot, as the flasher's mnt-boot.mount has it (stage 2 must read it there)."""
     from tests.rig.vm import run_script
 
+    boot = (f"mkdir -p /mnt/boot && mount -o ro /dev/sda{numbers['flash-boot']} /mnt/boot"
+            if flasher_mount else ":")
     script = f"""
 set -u
 mkdir -p /mnt/rootA
 mount -o ro /dev/sda{numbers['flash-rootA']} /mnt/rootA
-RESIN_MIGRATE_ROOT=/mnt/rootA RESIN_MIGRATE_REBOOT=true bash /mnt/stage2/resin-init-flasher
+{boot}
+RESIN_MIGRATE_ROOT=/mnt/rootA RESIN_MIGRATE_REBOOT=true bash /mnt/stage2/resin-migrate-stage2
 code=$?
 umount /mnt/rootA
 exit $code
 """
     return run_script(script, [image], shares={"stage2": STAGE2.parent}, timeout=600)
+
+
+def _fat_names(image: Path, directory: str) -> list[str]:
+    out = sh("mdir", "-i", image, "-b", f"::/{directory}").stdout.decode()
+    return sorted(line.strip().rsplit("/", 1)[-1] for line in out.splitlines() if line.strip())
 
 
 def _inner_image(bundle: Path, tmp: Path) -> Path:
@@ -186,13 +197,16 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
     image = make_stage1_disk(LegacySpec(placement=placement), synthetic_bundle,
                              tmp_path / "disk.img")
     numbers = flash_numbers(image)
+    table_before = sfdisk_json(image)["partitions"]
     manifest = load(str(synthetic_bundle))
     inner = _inner_image(synthetic_bundle, tmp_path)
     layout = manifest.inner_image.layout
 
-    result = _run_stage2_in_vm(image, numbers)
+    flasher_mount = placement is SwapPlacement.PRIMARY
+    result = _run_stage2_in_vm(image, numbers, flasher_mount)
     assert result.exit_code == 0, result.output[-3000:] + result.console[-2000:]
     assert "stage 2 complete" in result.output
+    assert ("read through the flasher's mount at /mnt/boot" in result.output) == flasher_mount
 
     # the resinOS table, as sfdisk reads it back from the disk
     table = sfdisk_json(image)
@@ -226,10 +240,26 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
     data_img.write_bytes(read_range(image, data.start * 512, data.size * 512))
     assert sh("fsck.vfat", "-n", boot_img, check=False).returncode == 0
     assert sh("e2fsck", "-fn", data_img, check=False).returncode == 0
-    config = (ROOT / "tests" / "data" / "config.json").read_bytes()
-    assert sh("mcopy", "-n", "-i", boot_img, "::/config.json", "-").stdout == config
+    fleet = json.loads((ROOT / "tests" / "data" / "config.json").read_text())
+    config = json.loads(sh("mcopy", "-n", "-i", boot_img, "::/config.json", "-").stdout)
+    assert "installer" in fleet and config == {
+        key: value for key, value in fleet.items() if key != "installer"}
     listing = sh("mdir", "-i", boot_img, "-b", "::/").stdout.decode()
     assert "::/resin-migrate.log" in listing and "::/EFI" not in listing
+    # splash, proxy samples and connection samples: flash-boot's, as the real flasher
+    # copies them (flash-boot lies beyond the image: still on the disk after the write)
+    flash_part = next(p for p in table_before
+                      if p["node"].endswith(str(numbers["flash-boot"])))
+    flash_boot = tmp_path / "flash-boot.img"
+    flash_boot.write_bytes(read_range(image, flash_part["start"] * 512,
+                                      flash_part["size"] * 512))
+    for directory in ("splash", "system-proxy", "system-connections"):
+        wanted = _fat_names(flash_boot, directory)
+        assert wanted and _fat_names(boot_img, directory) == wanted, directory
+        for name in wanted:
+            path = f"::/{directory}/{name}"
+            assert sh("mcopy", "-n", "-i", boot_img, path, "-").stdout == \
+                sh("mcopy", "-n", "-i", flash_boot, path, "-").stdout
     log = sh("mcopy", "-n", "-i", boot_img, "::/resin-migrate.log", "-").stdout.decode()
     assert "first 4 MiB written and read back" in log
 

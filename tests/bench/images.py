@@ -20,9 +20,9 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from unittest import mock
 
-from tests import synthetic
+from tests import imaging, synthetic
+from tests.releases import DEFAULT, internal_grub_cfg, os_release
 
 MiB = 1 << 20
 BOOT_SIZE = 40 * MiB
@@ -40,7 +40,7 @@ SEED = 18
 
 
 def bench_dir() -> Path:
-    out = synthetic.cache_dir().parent / "bench"
+    out = imaging.cache_dir().parent / "bench"
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -73,7 +73,7 @@ def _selection() -> tuple[list[Path], list[Path]]:
 
 def _key(*extra: object) -> str:
     digest = hashlib.sha256()
-    for source in (Path(__file__), Path(synthetic.__file__)):
+    for source in (Path(__file__), *synthetic.SOURCES):
         digest.update(source.read_bytes())
     for item in extra:
         digest.update(repr(item).encode())
@@ -87,59 +87,52 @@ def image_key() -> str:
     return _key(listing)
 
 
-def _stage(tree: synthetic._Tree, files: list[Path], prefix: str) -> None:
+def _stage(tree: imaging.Tree, files: list[Path], prefix: str) -> None:
     for path in files:
         target = tree.path(f"{prefix}{path}", 0o755 if os.access(path, os.X_OK) else 0o644)
         shutil.copyfile(path, target)
 
 
 def build_image(path: Path) -> None:
-    """Write the resinOS-shaped image (sparse) to path."""
+    """Write the resinOS-shaped image (sparse) to path: the layout of an intel-nuc image
+    with a full resin-data, GRUB's boot code as the real image has it, the default row's
+    /grub/grub.cfg."""
     root_files, data_files = _selection()
-    parts = synthetic._msdos_layout(
-        [(BOOT_SIZE, "e", True), (ROOT_SIZE, "83", False), (ROOT_SIZE, "83", False)],
-        [STATE_SIZE, DATA_SIZE])
+    parts = imaging.msdos_layout(
+        [(BOOT_SIZE, imaging.TYPE_FAT16_LBA, True), (ROOT_SIZE, imaging.TYPE_LINUX, False),
+         (ROOT_SIZE, imaging.TYPE_LINUX, False)], [STATE_SIZE, DATA_SIZE])
     by_number = {part.number: part for part in parts}
     with tempfile.TemporaryDirectory(prefix="bench-image-", dir=bench_dir()) as tmp:
         work = Path(tmp)
-        synthetic._new_sparse(path, parts[-1].end * synthetic.SECTOR)
-        synthetic._write_table(path, parts, synthetic._fixed_u32(SEED, "bench", "id"))
-        with path.open("r+b") as handle:     # boot code and a core.img stand-in
-            handle.write(synthetic._random_bytes(440, SEED, "boot.img"))
-            handle.seek(512)
-            handle.write(synthetic._random_bytes(MiB - 512, SEED, "core.img"))
+        imaging.new_sparse(path, parts[-1].end * imaging.SECTOR)
+        imaging.write_table(path, parts, imaging.fixed_u32(SEED, "bench", "id"))
+        grub = synthetic.host_grub(work)
+        imaging.write_at(path, 0, grub.boot_img[:440])
+        imaging.write_at(path, imaging.SECTOR, grub.core_img)
+        cfg = internal_grub_cfg(DEFAULT).encode()
         boot = by_number[1]
-        synthetic._make_fat16(work / "p1", boot.nbytes, "resin-boot", SEED, boot.start, {
+        imaging.make_fat16(work / "p1", boot.nbytes, "resin-boot", SEED, boot.start, {
             "config.json": b'{"deviceType": "intel-nuc"}\n',
-            "grub.cfg": synthetic._INNER_GRUB_CFG.encode(),
-            "EFI/BOOT/grub.cfg": synthetic._INNER_GRUB_CFG.encode(),
-            "bzImage": synthetic._random_bytes(KERNEL_SIZE, SEED, "bzImage"),
+            "grub/grub.cfg": cfg, "EFI/BOOT/grub.cfg": cfg,
+            "grub/boot.img": grub.boot_img, "grub/core.img": grub.core_img, **grub.modules,
         }, work)
-        synthetic._place(work / "p1", path, boot.offset, boot.nbytes)
-        root = synthetic._Tree(work / "rootA")
+        imaging.place(work / "p1", path, boot.offset, boot.nbytes)
+        root = imaging.Tree(work / "rootA")
         _stage(root, root_files, "")
-        root.file("etc/os-release", synthetic._os_release(synthetic.INNER_NAME))
-        data = synthetic._Tree(work / "data")
+        root.file("boot/bzImage", imaging.random_bytes(KERNEL_SIZE, SEED, "bzImage"))
+        root.file("etc/os-release", os_release(DEFAULT))
+        data = imaging.Tree(work / "data")
         _stage(data, data_files, "docker/overlay2/layer")
         for number, label, tree in ((2, "resin-rootA", root), (3, "resin-rootB", None),
                                     (5, "resin-state", None), (6, "resin-data", data)):
             part = by_number[number]
-            synthetic._make_ext4(work / f"p{number}", part.nbytes, label, SEED, tree, work)
-            synthetic._place(work / f"p{number}", path, part.offset, part.nbytes)
+            imaging.make_ext4(work / f"p{number}", part.nbytes, label, SEED, tree, work)
+            imaging.place(work / f"p{number}", path, part.offset, part.nbytes)
             (work / f"p{number}").unlink()
 
 
 def _cached(name: str, make: Callable[[Path], None]) -> Path:
-    final = bench_dir() / name
-    if final.exists():
-        return final
-    tmp = final.with_name(f".{final.name}.tmp")
-    try:
-        make(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return imaging.cached(name, make, folder=bench_dir())
 
 
 def cached_image(key: str) -> Path:
@@ -147,14 +140,9 @@ def cached_image(key: str) -> Path:
 
 
 def cached_flasher(key: str, image: Path) -> Path:
-    """The synthetic intel-nuc flasher around this image, stored raw as in a real flasher."""
-    def make(path: Path) -> None:
-        def copy_image(dest: Path, seed: int = 1) -> None:
-            subprocess.run(["cp", "--sparse=always", str(image), str(dest)], check=True)
-
-        with mock.patch.object(synthetic, "build_resinos_image", copy_image):
-            synthetic.build_flasher_image(path)
-    return _cached(f"flasher-{key}.img", make)
+    """The default row's synthetic flasher around this image, stored raw as in a real one."""
+    return _cached(f"flasher-{key}.img", lambda path: synthetic.build_flasher_image(
+        path, synthetic.FlasherSpec(), inner=image))
 
 
 def cached_gzip(key: str, source: Path, level: int, name: str) -> Path:

@@ -45,39 +45,26 @@ needs what cached_legacy_image() and the tools VM need the first time (root, loo
 devices); later builds of another spec need only QEMU and root for the cache directory.
 
 ``boot(disk, ...)`` boots ``disk`` by BIOS (SeaBIOS, no ``-kernel``) as the first IDE disk
-(``/dev/sda``, serial ``resin-disk0``), raw, read-write, ``cache=unsafe``, software
-emulation (``-accel tcg,thread=multi -cpu qemu64 -smp 2``), no network, without
-``-no-reboot``: a guest reboot resets the machine and it boots again from the disk, in the
-same QEMU process, with the same fw_cfg entry. Both serial ports are written to files that
-are polled every 50 ms; each line is timestamped (seconds since QEMU started) when it is
-read, with terminal control sequences (colours, cursor moves) and CRs at its ends removed:
-systemd's status lines read ``[  OK  ] Reached target multi-user.target - Multi-User
-System.`` The run ends when QEMU exits by itself (the guest powered off: ``"poweroff"``), when a
-line on either port contains ``until`` (``"marker"``; also when the line shows up in the
-last output of a QEMU that exited), or at ``timeout`` (``"timeout"``). QEMU is always ended
-(SIGTERM, SIGKILL after 5 s) before boot() returns, also on an exception. With
-``"marker"`` or ``"timeout"`` the disk holds what the guest had written to it when QEMU
-was killed (``cache=unsafe`` keeps no data in QEMU; the guest's page cache is lost).
+(``/dev/sda``, serial ``resin-disk0``) with ``tests.imaging.boot``: raw, read-write,
+``cache=unsafe``, software emulation, no network, a guest reboot resets the machine and it
+boots again from the disk in the same QEMU process with the same fw_cfg entry; both serial
+ports read live, each line stamped when it arrives (see ``tests.imaging.boot`` for how a
+run ends and what the disk holds then).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import os
-import re
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.rig import RigError, base_env, run
-from tests.rig.legacy import ROOT_UUID, LegacySpec, _cache_key, cached_legacy_image
-from tests.rig.vm import QEMU, _opt, _stop, run_script
-from tests.synthetic import cache_dir
+from tests import imaging
+from tests.imaging import BootError, BootResult, Drive, cached
+from tests.rig import RigError, run
+from tests.rig.legacy import ROOT_UUID, LegacySpec, cached_legacy_image, legacy_key
+from tests.rig.vm import run_script
 
 __all__ = [
     "BootResult",
@@ -91,7 +78,6 @@ __all__ = [
     "MAX_EXTRA_DISKS",
     "bootable_legacy_image",
     "boot",
-    "boot_argv",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,7 +92,6 @@ NO_AUTORUN_LINE = "resin-migrate-autorun: no fw_cfg opt/autorun"
 MAX_EXTRA_DISKS = 3  # the PIIX IDE controller has four places; the boot disk takes one
 _FW_SCRIPT = "opt/autorun"
 _BUILD_TIMEOUT = 600
-_POLL = 0.05
 
 # The guest side, in the legacy root: run by UNIT after multi-user.target.
 _WRAPPER_TEXT = f"""\
@@ -212,52 +197,11 @@ echo "checks: ok"
 """
 
 
-class BootError(RigError):
-    """QEMU could not run the disk (refused to start, failed). ``result`` holds the logs."""
-
-    def __init__(self, message: str, result: BootResult) -> None:
-        self.result = result
-        tail = "\n".join(line for _, line in result.serial0[-60:])
-        super().__init__(f"{message}\n--- serial0 (tail) ---\n{tail}")
-
-
-@dataclasses.dataclass
-class BootResult:
-    serial0: list[tuple[float, str]]  # (seconds since QEMU started, line) on ttyS0
-    serial1: list[tuple[float, str]]  # the same for ttyS1
-    reason: str  # "poweroff", "timeout" or "marker"
-    seconds: float  # wall time from QEMU's start to the end of the run
-
-    @property
-    def serial0_text(self) -> str:
-        return "".join(line + "\n" for _, line in self.serial0)
-
-    @property
-    def serial1_text(self) -> str:
-        return "".join(line + "\n" for _, line in self.serial1)
-
-    def lines(self, needle: str, port: int | None = None) -> list[tuple[float, str]]:
-        """The lines containing needle, on port 0, 1 or (None) both, in time order."""
-        both = (self.serial0, self.serial1)
-        ports = list(both) if port is None else [both[port]]
-        found = [item for lines in ports for item in lines if needle in item[1]]
-        return sorted(found, key=lambda item: item[0])
-
-    def first(self, needle: str, port: int | None = None) -> float | None:
-        """When the first line containing needle arrived (seconds), None if none did."""
-        found = self.lines(needle, port)
-        return found[0][0] if found else None
-
-
 # --------------------------------------------------------------------------- the image
 
 
 def _key(spec: LegacySpec) -> str:
-    h = hashlib.sha256()
-    h.update(repr(spec).encode())
-    h.update(_cache_key(spec).encode())
-    h.update(Path(__file__).read_bytes())
-    return h.hexdigest()[:20]
+    return imaging.key(spec, legacy_key(spec), Path(__file__))
 
 
 def _check_mbr(image: Path) -> None:
@@ -298,99 +242,17 @@ def bootable_legacy_image(spec: LegacySpec | None = None) -> Path:
     docstring), built once into cache_dir()/bootable-legacy-<key>.img. Never modify it: boot a
     sparse copy."""
     spec = LegacySpec() if spec is None else spec
-    final = cache_dir() / f"bootable-legacy-{_key(spec)}.img"
-    if final.exists():
-        return final
-    source = cached_legacy_image(spec)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def build(tmp: Path) -> None:
+        run(["cp", "--sparse=always", cached_legacy_image(spec), tmp])
         started = time.monotonic()
-        run(["cp", "--sparse=always", source, tmp])
         _install(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-        log.info("bootable legacy image %s built in %.0f s", final.name, time.monotonic() - started)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+        log.info("GRUB and the autorun unit installed in %.0f s", time.monotonic() - started)
+
+    return cached(f"bootable-legacy-{_key(spec)}.img", build)
 
 
 # --------------------------------------------------------------------------- boot
-
-
-def boot_argv(
-    *,
-    disk: Path,
-    serial0: Path,
-    serial1: Path,
-    autorun: Path | None = None,
-    extra_disks: Sequence[Path] = (),
-    memory_mib: int = 1024,
-) -> list[str]:
-    """The QEMU command line of boot() (see the module docstring)."""
-    argv = [
-        QEMU,
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", "2",
-        "-m", str(memory_mib), "-rtc", "base=utc", "-nic", "none",
-        "-chardev", f"file,id=ttyS0,path={_opt(serial0)}",
-        "-chardev", f"file,id=ttyS1,path={_opt(serial1)}",
-        "-serial", "chardev:ttyS0", "-serial", "chardev:ttyS1",
-        "-device", "virtio-rng-pci",
-    ]
-    for i, image in enumerate([disk, *extra_disks]):
-        boot_index = ",bootindex=0" if i == 0 else ""
-        argv += [
-            "-drive", f"if=none,id=disk{i},file={_opt(image)},format=raw,cache=unsafe",
-            "-device",
-            f"ide-hd,drive=disk{i},bus=ide.{i // 2},unit={i % 2},serial=resin-disk{i}"
-            + boot_index,
-        ]
-    if autorun is not None:
-        argv += ["-fw_cfg", f"name={_FW_SCRIPT},file={_opt(autorun)}"]
-    return argv
-
-
-class _Lines:
-    """Complete lines of a growing file, each stamped when it was read."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self._pending = b""
-        self.lines: list[tuple[float, str]] = []
-
-    def poll(self, now: float) -> list[str]:
-        data = self._file.read()
-        if not data:
-            return []
-        self._pending += data
-        *complete, self._pending = self._pending.split(b"\n")
-        new = [_decode(raw) for raw in complete]
-        self.lines += [(now, line) for line in new]
-        return new
-
-    def partial(self) -> str:
-        return _decode(self._pending)
-
-    def flush(self, now: float) -> None:
-        if self._pending:
-            self.lines.append((now, _decode(self._pending)))
-            self._pending = b""
-
-    def close(self) -> None:
-        self._file.close()
-
-
-#: terminal control sequences (GRUB's menu, systemd's coloured status): CSI and charset
-#: selection; dropped from the stamped lines (the raw logs keep them, see log_dir)
-_ESCAPES = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|[()][0-9A-Za-z]|[=>78])")
-
-
-def _decode(raw: bytes) -> str:
-    return _ESCAPES.sub("", raw.decode("utf-8", errors="replace")).strip("\r")
 
 
 def boot(
@@ -412,85 +274,14 @@ def boot(
     directory, removed).
 
     Raises BootError when QEMU exits with an error, ValueError for bad arguments."""
-    disks = [Path(d).resolve() for d in [disk, *extra_disks]]
-    if len(disks) > 1 + MAX_EXTRA_DISKS:
-        raise ValueError(f"at most {MAX_EXTRA_DISKS} extra disks (IDE), got {len(disks) - 1}")
-    for d in disks:
-        if not (d.is_file() or d.is_block_device()):
-            raise ValueError(f"not a disk image or block device: {d}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, not {timeout}")
-    qemu = shutil.which(QEMU, path=base_env()["PATH"])
-    if qemu is None:
-        raise RigError(f"no {QEMU} on this host (apt-get install qemu-system-x86)")
-
-    with tempfile.TemporaryDirectory(prefix="resin-boot-") as tmp_name:
-        logs = Path(log_dir) if log_dir is not None else Path(tmp_name)
-        logs.mkdir(parents=True, exist_ok=True)
-        serial0, serial1, qemu_log = logs / "serial0.log", logs / "serial1.log", logs / "qemu.log"
-        for path in (serial0, serial1):
-            path.write_bytes(b"")  # opened for reading before QEMU starts
-        script = None
+    if len(extra_disks) > MAX_EXTRA_DISKS:
+        raise ValueError(f"at most {MAX_EXTRA_DISKS} extra disks (IDE), got {len(extra_disks)}")
+    with tempfile.TemporaryDirectory(prefix="resin-autorun-") as tmp:
+        fw_cfg: dict[str, Path | str] = {}
         if autorun is not None:
-            script = Path(tmp_name) / "autorun.sh"
+            script = Path(tmp) / "autorun.sh"
             script.write_text(autorun)
-        argv = boot_argv(disk=disks[0], serial0=serial0, serial1=serial1, autorun=script,
-                         extra_disks=disks[1:], memory_mib=memory_mib)
-        argv[0] = qemu
-        env = base_env()
-        env["TMPDIR"] = tmp_name
-        log.debug("boot: %s", " ".join(argv))
-        ports = [_Lines(serial0), _Lines(serial1)]
-        reason = ""
-        started = time.monotonic()
-        try:
-            with open(qemu_log, "wb") as qemu_out:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_out,
-                                        stderr=subprocess.STDOUT, env=env)
-                try:
-                    reason = _watch(proc, ports, started, timeout, until)
-                finally:
-                    _stop(proc)
-            seconds = time.monotonic() - started
-            for port in ports:
-                port.flush(seconds)
-        finally:
-            for port in ports:
-                port.close()
-        result = BootResult(serial0=ports[0].lines, serial1=ports[1].lines, reason=reason,
-                            seconds=seconds)
-        if reason == "poweroff" and proc.returncode != 0:
-            message = qemu_log.read_text(errors="replace").strip()
-            raise BootError(f"{QEMU} exited with {proc.returncode}: {message}", result)
-        log.info("boot of %s: %s after %.1f s", disks[0].name, reason, seconds)
-        return result
-
-
-def _watch(
-    proc: subprocess.Popen[bytes], ports: list[_Lines], started: float, timeout: float,
-    until: str | None,
-) -> str:
-    """Poll the serial logs until QEMU exits, until shows up or the timeout passes."""
-
-    def seen(now: float) -> bool:
-        hit = False
-        for port in ports:
-            for line in port.poll(now):
-                hit = hit or (until is not None and until in line)
-        if not hit and until is not None:
-            for port in ports:
-                if until in port.partial():  # a prompt without a newline
-                    port.flush(now)
-                    hit = True
-        return hit
-
-    while True:
-        exited = proc.poll() is not None
-        now = time.monotonic() - started
-        if seen(now):
-            return "marker"
-        if exited:  # the output read after the exit was complete: checked above
-            return "poweroff"
-        if now >= timeout:
-            return "timeout"
-        time.sleep(_POLL)
+            fw_cfg[_FW_SCRIPT] = script
+        drives = [Drive(Path(d)) for d in (disk, *extra_disks)]
+        return imaging.boot(drives, timeout=timeout, until=until, log_dir=log_dir,
+                            fw_cfg=fw_cfg, memory_mib=memory_mib)

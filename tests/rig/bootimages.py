@@ -1,80 +1,70 @@
-"""Bootable stand-ins for the intel-nuc flasher and the resinOS image inside it.
+"""Bootable stand-ins for the flasher and the resinOS image inside it: the synthetic images of
+a release row (tests.synthetic, tests.releases) with what QEMU needs to boot them by BIOS.
 
-Same shapes as ``tests.synthetic`` (REFERENCE.md's tables, labels, files, the flag file and
-config.json), but a legacy BIOS really boots them in QEMU:
+Both are made by the same builders as the rootless matrix, from the same rows; the rig adds
+(synthetic.Extras):
 
-- ``bootable_resinos_image(path)``: msdos, 4 MiB aligned, the first 4 MiB holding GRUB
-  (i386-pc ``boot.img`` in the MBR's first 440 bytes, a ``core.img`` made by
-  ``grub-mkimage`` from sector 1, prefix ``(hd0,msdos1)/grub``); resin-boot (FAT16: the
-  Debian kernel as ``/bzImage``, ``/initrd``, ``/config.json``, ``/grub/grub.cfg`` and
-  ``/grub/i386-pc/``), resin-rootA (ext4: busybox, util-linux ``blkid``, the FAT modules and
-  an ``/sbin/init`` that reports what the disk holds on ttyS0, ``RESINOS-REPORT key=value``
-  lines, then powers off), resin-rootB, extended, resin-state, resin-data (ext4, about
-  27 MiB free for a backup); 136 MiB raw. ``parse_report()`` reads the report back.
-- ``bootable_flasher_image(path)``: the flasher table (flash-boot FAT16 with config.json,
-  the ``resin-image-flasher`` flag file, ``/vmlinuz``, ``/initrd`` and ``/grub.cfg``
-  booting ``linux /vmlinuz root=LABEL=flash-rootA rootwait console=ttyS0,115200``;
-  flash-rootA ext4; flash-rootB; extended; flash-state; flash-data) with GRUB in its own
-  first 4 MiB too. flash-rootA holds ``/opt/resin-image-genericx86-64.resinos-img`` (the
-  resinOS stand-in, stored sparse), a placeholder ``/usr/bin/resin-init-flasher`` (the
-  builder installs the real stage 2 there), ``/etc/resin-init-flasher.conf``, and a small
-  userland: bash, util-linux, coreutils, sed, grep, gzip and zstd copied from the rig's
-  Debian rootfs with their shared libraries, busybox for the rest (``reboot``,
-  ``insmod``...), the loop and FAT modules, and an ``/sbin/init`` (bash) that mounts
-  /proc, /sys, /dev, /tmp and /run, loads the modules, runs
-  ``bash /usr/bin/resin-init-flasher`` and, if it returns, ``reboot -f``.
+- a real GRUB (boot.img, a core.img by grub-mkimage with the modules it needs embedded,
+  prefix ``(hd0,msdos1)/grub``, and every module in ``/grub/i386-pc``);
+- the Debian kernel of ``tests.rig.rootfs`` where the row keeps the flasher's kernel
+  (``/boot/bzImage`` in flash-rootA from 2.21, ``/vmlinuz`` on flash-boot before), with an
+  initramfs made by that rootfs's own ``mkinitramfs`` (``MODULES=list``: the disk drivers and
+  ext4). The real kernels bundle their initramfs, so the row's GRUB entries get an
+  ``initrd`` line here that the real ones do not have. For rows with the initramfs migrator
+  (meta-balena v2.113.0 on) the initramfs has a stand-in of it (``_MIGRATOR``): booted with
+  ``flasher`` from the only disk, with the flag file in the rootfs copy ``/flash-boot/``, it
+  takes over (prints ``MIGRATOR_MARKER taking over`` and powers off: it would write the raw
+  image it found), or, when the raw image is not under its original name, fails and the
+  machine reboots, as balena's kernel does (``CONFIG_PANIC_TIMEOUT=1``);
+- in flash-rootA, systemd from the rootfs (PID 1, journald, udevd, the targets) running the
+  row's own units (``releases.flasher_units``): ``mnt-boot.mount``, ``temp-conf.service``,
+  ``resin-device-register.service`` (which retries an API it never reaches),
+  ``resin-init-flasher.service``; stand-ins of the units they require
+  (balena-device-uuid, os-config-devicekey); a rig unit that loads the loop and FAT modules
+  (balena's kernels have them; udev would load them with kmod's indexes, which the rig
+  leaves out); the tools stage 2 runs (bash, util-linux, coreutils, e2fsprogs' pieces, gzip,
+  zstd) with their libraries, busybox for the rest. flash-boot also carries the fleet's proxy
+  configuration (``system-proxy/redsocks.conf``) so that the end-to-end run can look for it
+  on the migrated disk;
+- in the resinOS image: busybox, util-linux blkid and an ``/sbin/init`` that reports what
+  the disk holds on ttyS0 (``RESINOS-REPORT key=value`` lines: labels, config.json, the files
+  resin-boot got, the backup, resin-data's free space), then powers off; ``parse_report()``
+  reads the report back. Its /grub/grub.cfg (also flash-boot's grub.cfg_internal) boots
+  /boot/bzImage from resin-rootA with a serial console.
 
-Both boot the Debian kernel of ``tests.rig.rootfs`` with a small initramfs made by that
-rootfs's own ``mkinitramfs`` (initramfs-tools, ``MODULES=list``: the disk drivers and ext4,
-about 6 MiB instead of the 30 MiB ``MODULES=most`` one). It finds ``root=LABEL=...``
-through udev, mounts it read-only and runs its ``/sbin/init``, with /dev, /proc, /sys and
-/run already mounted (moved there from the initramfs).
-
-Built rootless where it can be (sfdisk on files, ``mkfs.fat`` + mtools, ``mkfs.ext4 -d``;
-no mounts), deterministic (fixed UUIDs, ids and times, as in ``tests.synthetic``). The
-pieces taken from the rootfs (kernel, initramfs, GRUB, tools, modules: the *boot kit*) are
-made once in a chroot of the unpacked rootfs, which needs root, and cached in
-``cache_dir()/bootkit-<key>/``; busybox comes from Debian's ``busybox-static`` package
-(``apt-get download``, the .deb kept in ``cache_dir()``; else the host's installed
-package). ``cached_bootable_flasher()``
-and ``cached_bootable_resinos()`` keep the images in ``cache_dir()``, keyed by this file,
-``tests/synthetic.py`` and the rootfs key.
-
-``boot_disk()`` boots a disk image by BIOS in QEMU (TCG, IDE, serial on a file) and
-returns the serial log.
+The pieces taken from the rootfs (kernel, initramfs, GRUB, tools, systemd, modules: the *boot
+kit*) are made once in a chroot of the unpacked rootfs, which needs root, and cached in
+``cache_dir()/bootkit-<key>/``; busybox comes from Debian's ``busybox-static`` package. The
+images are cached per row, keyed by this file, the synthetic builders and the rootfs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import re
-import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tests import synthetic
-from tests.rig import CommandError, RigError, base_env, run
+from tests import imaging, synthetic
+from tests.imaging import ALIGN, EPOCH, SECTOR, Tree, cache_dir
+from tests.releases import RELEASES, Release
+from tests.rig import RigError, run
 from tests.rig.rootfs import debian_rootfs, rootfs_key, unpack
-from tests.synthetic import EPOCH, INNER_NAME, cache_dir
 
 __all__ = [
-    "INNER_NAME",
     "REPORT_MARKER",
-    "INIT_MARKER",
-    "RESINOS_CONFIG",
-    "FLASHER_CONFIG",
-    "FLASHER_CMDLINE",
-    "BootResult",
+    "MIGRATOR_MARKER",
+    "FLASHER_RELEASE",
+    "OLDER_RELEASE",
+    "PROXY_CONF",
     "ResinosReport",
+    "BootKit",
     "boot_kit",
     "bootable_resinos_image",
     "bootable_flasher_image",
@@ -85,55 +75,29 @@ __all__ = [
     "parse_report",
     "replace_in_ext4",
     "partition_offsets",
-    "qemu_boot_argv",
-    "boot_disk",
     "sparse_copy",
 ]
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
-KiB = 1 << 10
-MiB = 1 << 20
-ALIGN = 4 * MiB
-
 REPORT_MARKER = "RESINOS-REPORT"
-INIT_MARKER = "RESIN-FLASHER-INIT"
-
-#: The resinOS stand-in's own config.json (stage 2 replaces it with the fleet's).
-RESINOS_CONFIG = b'{"deviceType": "intel-nuc", "persistentLogging": false}\n'
-#: The flasher's config.json on flash-boot (the builder replaces it with --config).
-FLASHER_CONFIG = b'{"deviceType": "intel-nuc", "applicationName": "bootable-test"}\n'
-#: The flasher's kernel arguments (its grub.cfg; the builder copies them to the manifest).
-FLASHER_CMDLINE = "root=LABEL=flash-rootA rootwait console=ttyS0,115200"
-RESINOS_CMDLINE = "root=LABEL=resin-rootA rootwait console=ttyS0,115200"
-
-# resinOS stand-in: REFERENCE's shape, partitions as small as the contents allow (stage 2
-# writes and reads back every byte of the image, about 10 MB/s under TCG): 136 MiB raw
-_RESIN_BOOT_SIZE = 40 * MiB  # as in REFERENCE; kernel, initramfs and GRUB take 17 MiB
-_RESIN_ROOT_SIZE = 16 * MiB  # busybox, blkid and its libraries, modules: 5 MiB
-_RESIN_STATE_SIZE = 20 * MiB  # as in REFERENCE
-_RESIN_DATA_SIZE = 32 * MiB  # about 27 MiB free for backup.tgz
-# flasher
-_FLASH_BOOT_SIZE = 40 * MiB  # 81920 sectors, as in the real flasher
-_FLASH_ROOTB_SIZE = 4 * MiB
-_FLASH_STATE_SIZE = 4 * MiB
-_FLASH_DATA_SIZE = 8 * MiB
-_ROOTA_FREE_FACTOR = 1.2  # the builder shrinks flash-rootA anyway
-_ROOTA_OVERHEAD = 16 * MiB
-
-_TYPE_FAT16_LBA = "e"
-_TYPE_LINUX = "83"
-_SEED = 1
+MIGRATOR_MARKER = "rig-migrator:"
+#: The release rows the rig boots: a current one with the initramfs migrator, and an older
+#: one (GRUB variables, resin names, no migrator).
+FLASHER_RELEASE = RELEASES["2.113"]
+OLDER_RELEASE = RELEASES["2.51"]
+#: The fleet's proxy configuration on the rig flasher's flash-boot.
+PROXY_CONF = b"base {\n log_debug = off;\n daemon = on;\n}\nredsocks {\n local_ip = 127.0.0.1;\n" \
+             b" local_port = 12345;\n ip = 192.0.2.1;\n port = 3128;\n type = http-connect;\n}\n"
 
 # --------------------------------------------------------------------------- the boot kit
 
 #: Disk drivers and the root filesystem in the initramfs (its hooks add their dependencies
 #: and a few base modules): IDE (QEMU's default disk), AHCI, virtio, and ext4.
 INITRAMFS_MODULES = ("ata_piix", "ahci", "sd_mod", "virtio_pci", "virtio_blk", "ext4")
-#: Loaded by both inits from the root filesystem: loop devices (stage 2 reaches resin-boot
-#: and resin-data through them) and FAT (this kernel's defaults: codepage 437, iocharset
-#: ascii; utf8 and iso8859-1 for mounts that ask for them).
+#: Loaded from the root filesystem: loop devices (stage 2 reaches resin-boot and resin-data
+#: through them) and FAT (this kernel's defaults: codepage 437, iocharset ascii; utf8 and
+#: iso8859-1 for mounts that ask for them).
 ROOT_MODULES = ("loop", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859-1")
 #: Embedded in core.img, so GRUB needs nothing from disk but its grub.cfg.
 GRUB_MODULES = (
@@ -142,29 +106,44 @@ GRUB_MODULES = (
 )
 GRUB_PREFIX = "(hd0,msdos1)/grub"
 
-#: What stage 2 runs (its `need` lines and the rest of runtime/resin-init-flasher), from the
-#: rootfs with their libraries; busybox provides everything else.
+#: What stage 2 runs (its `need` lines and the rest of runtime/resin-migrate-stage2), from
+#: the rootfs with their libraries; busybox provides everything else.
 FLASHER_TOOLS = (
     "bash", "blkid", "losetup", "mount", "umount", "mountpoint", "blockdev", "findmnt",
     "lsblk", "dd", "sha256sum", "head", "tail", "stat", "od", "tr", "sed", "cut", "date",
     "readlink", "basename", "dirname", "cp", "mkdir", "rm", "sync", "cat", "ls", "ln",
     "mv", "uname", "sleep", "wc", "tee", "touch", "chmod", "env", "true", "false", "sort",
-    "printf", "echo", "test", "grep", "gzip", "zstd",
+    "printf", "echo", "test", "grep", "gzip", "zstd", "systemctl", "journalctl", "udevadm",
+)
+#: systemd as the flasher's PID 1, from the rootfs (plus udev's rules and helpers).
+SYSTEMD_FILES = (
+    "/usr/lib/systemd/systemd", "/usr/lib/systemd/systemd-journald",
+    "/usr/lib/systemd/systemd-udevd", "/usr/lib/systemd/systemd-shutdown",
+    "/usr/lib/udev/ata_id", "/usr/lib/udev/scsi_id",
+)
+#: Units of the rootfs's systemd the flasher boots with: the targets (all), and these.
+SYSTEMD_UNITS = (
+    "tmp.mount",
+    "systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket",
+    "systemd-udevd.service", "systemd-udevd-control.socket", "systemd-udevd-kernel.socket",
+    "systemd-udev-trigger.service", "systemd-reboot.service", "systemd-poweroff.service",
+    "systemd-halt.service",
 )
 RESINOS_TOOLS = ("blkid",)
 
-_KIT_VERSION = 1
+_KIT_VERSION = 2
 _CHROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+def kit_key() -> str:
+    """Key of the boot kit: this file and the rootfs it is taken from."""
+    return imaging.key(Path(__file__), rootfs_key())
+
+
 def bootimages_key() -> str:
-    """Key of the boot kit and the cached images: this file, tests/synthetic.py (whose
-    helpers build the filesystems) and the rootfs key."""
-    h = hashlib.sha256()
-    h.update(Path(__file__).read_bytes())
-    h.update(Path(synthetic.__file__).read_bytes())
-    h.update(rootfs_key().encode())
-    return h.hexdigest()[:20]
+    """Key of the cached images: the kit's, and the synthetic builders whose rows and
+    pieces the images are made of."""
+    return imaging.key(kit_key(), *synthetic.SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,28 +155,23 @@ class BootKit:
     modules: tuple[str, ...]  # below usr/lib/modules/<version>/, in load order
     resinos_files: tuple[str, ...]  # below files/, relative, in copy order
     flasher_files: tuple[str, ...]
+    units: tuple[str, ...]  # below files/usr/lib/systemd/system/ (links included)
     applets: tuple[str, ...]  # busybox --list-full
 
     @property
     def vmlinuz(self) -> Path:
         return self.root / "vmlinuz"
 
-    @property
-    def initrd(self) -> Path:
-        return self.root / "initrd.img"
+    def initrd(self, migrator: bool) -> Path:
+        """The initramfs: with the migrator stand-in for the rows that have one."""
+        return self.root / ("initrd-migrator.img" if migrator else "initrd.img")
 
     @property
-    def boot_img(self) -> Path:
-        return self.root / "grub" / "boot.img"
-
-    @property
-    def core_img(self) -> Path:
-        return self.root / "grub" / "core.img"
-
-    @property
-    def grub_dir(self) -> Path:
-        """Modules and lists for /grub/i386-pc on the boot partition."""
-        return self.root / "grub" / "i386-pc"
+    def grub(self) -> synthetic.Grub:
+        directory = self.root / "grub"
+        modules = {f"grub/i386-pc/{p.name}": p for p in sorted((directory / "i386-pc").iterdir())}
+        return synthetic.Grub((directory / "boot.img").read_bytes(),
+                              (directory / "core.img").read_bytes(), modules)
 
     @property
     def files(self) -> Path:
@@ -318,14 +292,12 @@ def _busybox_deb(workdir: Path) -> Path | None:
     fetch = workdir / "apt"
     fetch.mkdir()
     try:
-        proc = subprocess.run(["apt-get", "download", "-q", "busybox-static"], cwd=fetch,
-                              env=base_env(), capture_output=True, text=True, timeout=300,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        proc = subprocess.CompletedProcess([], -1, "", str(exc))
+        run(["apt-get", "download", "-q", "busybox-static"], cwd=fetch, timeout=300)
+    except imaging.CommandError as exc:
+        log.warning("apt-get download busybox-static failed: %s", exc)
+        return None
     debs = sorted(fetch.glob("busybox-static_*.deb"))
-    if proc.returncode != 0 or not debs:
-        log.warning("apt-get download busybox-static failed: %s", proc.stderr.strip())
+    if not debs:
         return None
     final = directory / debs[-1].name
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
@@ -333,16 +305,6 @@ def _busybox_deb(workdir: Path) -> Path | None:
     os.chmod(tmp, 0o644)
     os.replace(tmp, final)
     return final
-
-
-def _host_busybox_static() -> Path | None:
-    """The host's busybox when the busybox-static package is installed."""
-    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", "busybox-static"],
-                          capture_output=True, text=True, check=False)
-    binary = Path("/bin/busybox")
-    if proc.stdout.endswith("installed") and binary.is_file():
-        return binary
-    return None
 
 
 def _get_busybox(dest: Path, workdir: Path) -> None:
@@ -355,24 +317,70 @@ def _get_busybox(dest: Path, workdir: Path) -> None:
         if not binary.is_file():
             raise RigError(f"{deb}: no /bin/busybox in it")
     else:
-        found = _host_busybox_static()
-        if found is None:
+        status = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", "busybox-static"],
+                                capture_output=True, text=True, check=False).stdout
+        binary = Path("/bin/busybox")
+        if not (status.endswith("installed") and binary.is_file()):
             raise RigError(
                 "no busybox-static: `apt-get download busybox-static` failed (`apt-get "
                 "update` first?) and the package is not installed on this host (apt-get "
-                f"install busybox-static), nor is its .deb in {cache_dir()}"
-            )
-        binary = found
+                f"install busybox-static), nor is its .deb in {cache_dir()}")
     shutil.copyfile(binary, dest)
     os.chmod(dest, 0o755)
 
 
+# The initramfs migrator's stand-in (initramfs-tools local-bottom: the root filesystem is
+# mounted at $rootmnt). What it reads and does follows meta-balena's
+# recipes-core/initrdscripts/files/migrate (v2.113.0, c59a7090f): with `flasher` on the
+# kernel line and the flag file in the rootfs copy of flash-boot, booted from the only
+# disk, it looks for the raw image under its original name; found, it would write it over
+# the disk; not found, it fails and balena's kernel reboots (CONFIG_PANIC_TIMEOUT=1).
+# Its messages go to /dev/kmsg at KERN_ERR, which `quiet` does not hide. klibc sh.
+_MIGRATOR = r"""#!/bin/sh
+PREREQ=""
+prereqs() { echo "$PREREQ"; }
+case "$1" in prereqs) prereqs; exit 0 ;; esac
+say() { echo "<3>@MARKER@ $*" > /dev/kmsg; }
+case " $(cat /proc/cmdline) " in *" flasher "*) ;; *) exit 0 ;; esac
+flag=
+for name in balena-image-flasher resin-image-flasher; do
+    [ -f "${rootmnt}/flash-boot/$name" ] && flag=$name
+done
+if [ -z "$flag" ]; then
+    say "not enabled: no /flash-boot/balena-image-flasher in the root filesystem"
+    exit 0
+fi
+disks=0
+for dev in /sys/block/*; do
+    case "${dev##*/}" in loop*|ram*|zram*|sr*) ;; *) disks=$((disks + 1)) ;; esac
+done
+if [ "$disks" != 1 ]; then
+    say "not migrating: $disks disks"
+    exit 0
+fi
+BALENA_IMAGE= RESIN_IMAGE=
+. "${rootmnt}/etc/resin-init-flasher.conf"
+image=${BALENA_IMAGE:-$RESIN_IMAGE}
+if [ -f "${rootmnt}/opt/$image" ]; then
+    say "taking over: would write /opt/$image over the disk (no checks, no backup)"
+    sync
+    poweroff -f
+fi
+say "FAIL: no $image found in the root filesystem; rebooting (CONFIG_PANIC_TIMEOUT=1)"
+sync
+echo b > /proc/sysrq-trigger
+sleep 5
+"""
+
 _INITRAMFS_SETTINGS = {"MODULES": "list", "BUSYBOX": "n", "COMPRESS": "zstd", "KEYMAP": "n"}
 
 
-def _make_initramfs(tree: Path, version: str, out: Path) -> None:
-    """A small initramfs made by the rootfs's own mkinitramfs (MODULES=list)."""
+def _make_initramfs(tree: Path, version: str, out: Path, migrator: bool) -> None:
+    """A small initramfs made by the rootfs's own mkinitramfs (MODULES=list); with the
+    migrator stand-in in local-bottom when asked."""
     conf = tree / "tmp" / "resin-initramfs"
+    if conf.exists():
+        shutil.rmtree(conf)
     shutil.copytree(tree / "etc" / "initramfs-tools", conf, symlinks=True)
     text = (conf / "initramfs.conf").read_text()
     for key, value in _INITRAMFS_SETTINGS.items():
@@ -381,6 +389,11 @@ def _make_initramfs(tree: Path, version: str, out: Path) -> None:
             text += f"{key}={value}\n"
     (conf / "initramfs.conf").write_text(text)
     (conf / "modules").write_text("".join(f"{m}\n" for m in INITRAMFS_MODULES))
+    if migrator:
+        script = conf / "scripts" / "local-bottom" / "balena-migrate"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(_MIGRATOR.replace("@MARKER@", MIGRATOR_MARKER))
+        script.chmod(0o755)
     _chroot(tree, "mkinitramfs", "-d", "/tmp/resin-initramfs", "-o", "/tmp/resin-initrd.img",
             version)
     shutil.copyfile(tree / "tmp" / "resin-initrd.img", out)
@@ -402,6 +415,34 @@ def _make_grub(tree: Path, dest: Path) -> None:
             shutil.copyfile(item, dest / "i386-pc" / item.name)
 
 
+def _copy_units(tree: Path, files: Path) -> list[str]:
+    """The targets and SYSTEMD_UNITS of the rootfs's systemd, and the .wants links among
+    them, into files/usr/lib/systemd/system/; returns what was copied (relative)."""
+    source = tree / "usr/lib/systemd/system"
+    dest = files / "usr/lib/systemd/system"
+    dest.mkdir(parents=True, exist_ok=True)
+    names = sorted({p.name for p in source.glob("*.target")} | set(SYSTEMD_UNITS))
+    tmp_mount = tree / "usr/share/systemd/tmp.mount"  # Debian ships it unlisted
+    copied = []
+    for name in names:
+        src = tmp_mount if name == "tmp.mount" else source / name
+        if not src.exists():
+            raise RigError(f"the rootfs's systemd has no {name}")
+        target = dest / name
+        if src.is_symlink():
+            os.symlink(os.readlink(src), target)
+        else:
+            shutil.copyfile(src, target)
+        copied.append(name)
+    for wants in sorted(source.glob("*.target.wants/*")):
+        if wants.name in names and wants.parent.name[: -len(".wants")] in names:
+            link = dest / wants.parent.name / wants.name
+            link.parent.mkdir(exist_ok=True)
+            os.symlink(os.readlink(wants), link)
+            copied.append(f"{wants.parent.name}/{wants.name}")
+    return copied
+
+
 def _fill_kit(dest: Path) -> None:
     tree = dest / ".rootfs"
     tree.mkdir()
@@ -412,18 +453,24 @@ def _fill_kit(dest: Path) -> None:
             raise RigError(f"the rootfs has {len(kernels)} kernels in /boot, expected one")
         version = kernels[0].name.split("-", 1)[1]
         shutil.copyfile(kernels[0], dest / "vmlinuz")
-        _make_initramfs(tree, version, dest / "initrd.img")
+        _make_initramfs(tree, version, dest / "initrd.img", migrator=False)
+        _make_initramfs(tree, version, dest / "initrd-migrator.img", migrator=True)
         _make_grub(tree, dest / "grub")
 
         files = dest / "files"
         files.mkdir()
         lists: dict[str, list[str]] = {}
-        for name, tools in (("resinos", RESINOS_TOOLS), ("flasher", FLASHER_TOOLS)):
-            binaries = _resolve_tools(tree, tools)
+        for name, tools, extra in (("resinos", RESINOS_TOOLS, ()),
+                                   ("flasher", FLASHER_TOOLS, SYSTEMD_FILES)):
+            binaries = [*_resolve_tools(tree, tools), *extra]
             copied: list[str] = []
             for path in [*binaries, *_libraries(tree, binaries)]:
                 _copy_in(tree, path, files, copied)
             lists[name] = copied
+        rules = files / "usr/lib/udev/rules.d"
+        shutil.copytree(tree / "usr/lib/udev/rules.d", rules, symlinks=True)
+        lists["flasher"] += [f"usr/lib/udev/rules.d/{p.name}" for p in sorted(rules.iterdir())]
+        units = _copy_units(tree, files)
 
         moddir = tree / "usr" / "lib" / "modules" / version
         order = _module_order((moddir / "modules.dep").read_text(), ROOT_MODULES)
@@ -431,24 +478,14 @@ def _fill_kit(dest: Path) -> None:
         for rel in order:
             (out_moddir / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(moddir / rel, out_moddir / rel)
-        dep_lines = [
-            line for line in (moddir / "modules.dep").read_text().splitlines()
-            if line.split(":", 1)[0] in order
-        ]
-        (out_moddir / "modules.dep").write_text("\n".join(dep_lines) + "\n")
 
         _get_busybox(dest / "busybox", dest)
         applets = run([dest / "busybox", "--list-full"]).stdout.split()
         if "sbin/reboot" not in applets or "bin/sh" not in applets:
             raise RigError("this busybox lacks reboot or sh")
-        kit = {
-            "kit_version": _KIT_VERSION,
-            "kernel_version": version,
-            "modules": order,
-            "resinos_files": lists["resinos"],
-            "flasher_files": lists["flasher"],
-            "applets": applets,
-        }
+        kit = {"kit_version": _KIT_VERSION, "kernel_version": version, "modules": order,
+               "resinos_files": lists["resinos"], "flasher_files": lists["flasher"],
+               "units": units, "applets": applets}
         (dest / "kit.json").write_text(json.dumps(kit, indent=1) + "\n")
     finally:
         shutil.rmtree(tree, ignore_errors=True)
@@ -457,149 +494,56 @@ def _fill_kit(dest: Path) -> None:
 
 
 def boot_kit() -> BootKit:
-    """The cached boot kit (made on first use, as root: unpack the rootfs, mkinitramfs and
-    grub-mkimage in a chroot, ldd; about 15 s once the rootfs tarball exists)."""
-    final = cache_dir() / f"bootkit-{bootimages_key()}"
-    if not final.is_dir():
-        if os.geteuid() != 0:
-            raise RigError("making the boot kit needs root (the rootfs is unpacked with its "
-                           "owners and used as a chroot); later runs reuse the cached kit")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
-            started = time.monotonic()
-            _fill_kit(tmp)
-            os.chmod(tmp, 0o755)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not final.is_dir():
-                    raise
-            log.info("boot kit made in %.0f s", time.monotonic() - started)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-    data = json.loads((final / "kit.json").read_text())
-    return BootKit(
-        root=final,
-        kernel_version=data["kernel_version"],
-        modules=tuple(data["modules"]),
-        resinos_files=tuple(data["resinos_files"]),
-        flasher_files=tuple(data["flasher_files"]),
-        applets=tuple(data["applets"]),
-    )
+    """The cached boot kit (made on first use, as root: unpack the rootfs, mkinitramfs twice
+    and grub-mkimage in a chroot, ldd; about half a minute once the rootfs tarball exists)."""
+    name = f"bootkit-{kit_key()}"
+    if not (cache_dir() / name).is_dir() and os.geteuid() != 0:
+        raise RigError("making the boot kit needs root (the rootfs is unpacked with its "
+                       "owners and used as a chroot); later runs reuse the cached kit")
+    root = imaging.cached(name, _fill_kit, directory=True)
+    data = json.loads((root / "kit.json").read_text())
+    return BootKit(root=root, kernel_version=data["kernel_version"],
+                   modules=tuple(data["modules"]), resinos_files=tuple(data["resinos_files"]),
+                   flasher_files=tuple(data["flasher_files"]), units=tuple(data["units"]),
+                   applets=tuple(data["applets"]))
 
 
-# --------------------------------------------------------------------------- staging
+# --------------------------------------------------------------------------- userland
 
 
-class _Stage(synthetic._Tree):
-    """A synthetic._Tree that also takes host files, symlinks and the kit's userland."""
-
-    def copy(self, rel: str, src: Path, mode: int | None = None) -> None:
-        dest = self.path(rel, mode if mode is not None else src.stat().st_mode & 0o777)
-        shutil.copyfile(src, dest)
-
-    def symlink(self, rel: str, target: str) -> None:
-        rel = rel.strip("/")
-        link = self.root / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        os.symlink(target, link)
-
-    def exists(self, rel: str) -> bool:
-        p = self.root / rel.strip("/")
-        return p.is_symlink() or p.exists()
-
-    def userland(self, kit: BootKit, entries: Iterable[str], modules: bool = True) -> None:
-        """Merged /usr (bin, sbin, lib, lib64 -> usr/...), the kit's entries, the root
-        modules, busybox with a link for every applet no copied tool provides."""
-        for top in ("bin", "sbin", "lib", "lib64"):
-            self.symlink(top, f"usr/{top}")
-        for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64"):
-            self.dir(d)
-        for rel in entries:
-            src = kit.files / rel
-            if src.is_symlink():
-                self.symlink(rel, os.readlink(src))
-            else:
-                self.copy(rel, src)
-        if modules:
-            base = f"usr/lib/modules/{kit.kernel_version}"
-            for rel in kit.modules:
-                self.copy(f"{base}/{rel}", kit.files / base / rel, 0o644)
-            self.copy(f"{base}/modules.dep", kit.files / base / "modules.dep", 0o644)
-        self.copy("usr/bin/busybox", kit.busybox, 0o755)
-        for applet in kit.applets:
-            name = os.path.basename(applet)
-            if name in ("busybox", "init", "linuxrc") or "/" not in applet:
-                continue
-            if self.exists(f"usr/bin/{name}") or self.exists(f"usr/sbin/{name}"):
-                continue
-            if "sbin/" in applet:
-                self.symlink(f"usr/sbin/{name}", "../bin/busybox")
-            else:
-                self.symlink(f"usr/bin/{name}", "busybox")
-        for d in ("proc", "sys", "dev", "run", "tmp", "mnt", "root", "etc", "var", "opt"):
-            self.dir(d)
-
-
-def _make_fat(
-    image: Path,
-    size: int,
-    label: str,
-    hidden_sectors: int,
-    files: Mapping[str, Path | bytes],
-    workdir: Path,
-) -> None:
-    """A FAT16 filesystem of size bytes in the file image holding files (relative path ->
-    host file or bytes); one mcopy per directory, sorted, times fixed."""
-    if image.exists():
-        image.unlink()
-    synthetic._new_sparse(image, size)
-    vol_id = f"{synthetic._fixed_u32(_SEED, 'fat', label):08x}"
-    synthetic._run(["mkfs.fat", "--invariant", "-F", "16", "-S", "512", "-h", str(hidden_sectors),
-                    "-n", label, "-i", vol_id, image])
-    stage = workdir / f"fat-{label}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    by_dir: dict[str, list[str]] = {}
-    for rel, src in sorted(files.items()):
-        dest = stage / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(src, bytes):
-            dest.write_bytes(src)
+def _userland(tree: Tree, kit: BootKit, entries: Iterable[str]) -> None:
+    """Merged /usr (bin, sbin, lib, lib64 -> usr/...), the kit's entries, the root
+    modules, busybox with a link for every applet no copied tool provides."""
+    for top in ("bin", "sbin", "lib", "lib64"):
+        tree.symlink(top, f"usr/{top}")
+    for d in ("usr/bin", "usr/sbin", "usr/lib", "usr/lib64"):
+        tree.dir(d)
+    for rel in entries:
+        src = kit.files / rel
+        if src.is_symlink():
+            tree.symlink(rel, os.readlink(src))
         else:
-            shutil.copyfile(src, dest)
-        os.utime(dest, (EPOCH, EPOCH))
-        parent = os.path.dirname(rel)
-        by_dir.setdefault(parent, []).append(rel)
-    dirs: set[str] = set()
-    for parent in by_dir:
-        parts = Path(parent).parts
-        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    for d in sorted(dirs):
-        synthetic._run(["mmd", "-i", image, f"::/{d}"])
-    for parent, rels in sorted(by_dir.items()):
-        target = f"::/{parent}/" if parent else "::/"
-        synthetic._run(["mcopy", "-m", "-i", image, *(stage / r for r in sorted(rels)), target])
-    shutil.rmtree(stage)
-    synthetic._run(["fsck.fat", "-n", image])
+            tree.copy(rel, src)
+    base = f"usr/lib/modules/{kit.kernel_version}"
+    for rel in kit.modules:
+        tree.copy(f"{base}/{rel}", kit.files / base / rel, 0o644)
+    tree.copy("usr/bin/busybox", kit.busybox, 0o755)
+    for applet in kit.applets:
+        name = os.path.basename(applet)
+        if name in ("busybox", "init", "linuxrc") or "/" not in applet:
+            continue
+        if tree.exists(f"usr/bin/{name}") or tree.exists(f"usr/sbin/{name}"):
+            continue
+        if "sbin/" in applet:
+            tree.symlink(f"usr/sbin/{name}", "../bin/busybox")
+        else:
+            tree.symlink(f"usr/bin/{name}", "busybox")
+    for d in ("proc", "sys", "dev", "run", "tmp", "mnt", "root", "etc", "var", "opt"):
+        tree.dir(d)
 
 
-def _write_boot_code(image: Path, kit: BootKit) -> None:
-    """GRUB's boot.img in the MBR's first 440 bytes (the disk id and table stay), core.img
-    from sector 1 (its blocklist says: from sector 2, as grub-mkimage made it)."""
-    boot = kit.boot_img.read_bytes()
-    core = kit.core_img.read_bytes()
-    with open(image, "r+b") as f:
-        f.write(boot[:440])
-        f.seek(SECTOR)
-        f.write(core)
-
-
-def _grub_files(kit: BootKit) -> dict[str, Path | bytes]:
-    return {f"grub/i386-pc/{p.name}": p for p in sorted(kit.grub_dir.iterdir())}
+def _modules_words(kit: BootKit) -> str:
+    return " ".join(kit.modules)
 
 
 _GRUB_SERIAL = """\
@@ -608,38 +552,18 @@ terminal_input serial console
 terminal_output serial console
 """
 
-_RESINOS_GRUB_CFG = f"""\
-{_GRUB_SERIAL}set default=boot
-set timeout=0
 
-menuentry 'resinOS (resin-migrate test stand-in)' --id boot {{
-  search --no-floppy --set=root --label resin-boot
-  linux /bzImage {RESINOS_CMDLINE}
-  initrd /initrd
-}}
-"""
-
-_FLASHER_GRUB_CFG = f"""\
-default=flash
-timeout=0
-
-menuentry 'flash' --id flash {{
-  linux /vmlinuz {FLASHER_CMDLINE}
-  initrd /initrd
-}}
-"""
-
-#: /grub/grub.cfg of the flasher's own GRUB (prefix (hd0,msdos1)/grub): serial, then the
-#: flasher's /grub.cfg, which the builder reads.
-_FLASHER_OWN_GRUB_CFG = f"{_GRUB_SERIAL}source /grub.cfg\n"
+def resinos_grub_cfg() -> str:
+    """The stand-in's /grub/grub.cfg (and the rig flasher's grub.cfg_internal): the kernel
+    from resin-rootA, as balenaOS boots it, on a serial console."""
+    return (f"{_GRUB_SERIAL}set default=boot\nset timeout=0\n\n"
+            "menuentry 'resinOS (resin-migrate test stand-in)' --id boot {\n"
+            "  search --no-floppy --set=root --label resin-rootA\n"
+            "  linux /boot/bzImage root=LABEL=resin-rootA rootwait console=ttyS0,115200\n"
+            "  initrd /boot/initrd\n}\n")
 
 
 # --------------------------------------------------------------------------- resinOS
-
-
-def _modules_words(kit: BootKit) -> str:
-    return " ".join(kit.modules)
-
 
 _RESINOS_INIT = r"""#!/bin/sh
 # resinOS stand-in (resin-migrate tests): PID 1 on resin-rootA, started by the Debian
@@ -682,6 +606,7 @@ boot=$(blkid -c /dev/null -L resin-boot)
 if [ -n "$boot" ] && mount -t vfat -o ro "$boot" /mnt/boot; then
     if [ -f /mnt/boot/config.json ]; then
         r "config_sha256=$(sha256sum < /mnt/boot/config.json | cut -d' ' -f1)"
+        r "config_json=$(tr -d '\n' < /mnt/boot/config.json)"
     else
         r "config_sha256=missing"
     fi
@@ -694,6 +619,11 @@ if [ -n "$boot" ] && mount -t vfat -o ro "$boot" /mnt/boot; then
     if [ -d /mnt/boot/EFI ]; then r "boot_efi=yes"; else r "boot_efi=no"; fi
     for f in /mnt/boot/system-connections/*; do
         [ -f "$f" ] && r "boot_connection=$(sha256sum < "$f" | cut -d' ' -f1) ${f##*/}"
+    done
+    for dir in splash system-proxy dispatcher.d; do
+        for f in /mnt/boot/$dir/*; do
+            [ -f "$f" ] && r "boot_file=$(sha256sum < "$f" | cut -d' ' -f1) $dir/${f##*/}"
+        done
     done
     umount /mnt/boot
 else
@@ -734,218 +664,139 @@ echo o > /proc/sysrq-trigger
 """
 
 
-def _os_release() -> bytes:
-    return synthetic._os_release(INNER_NAME)
+def _resinos_extras(kit: BootKit, release: Release) -> synthetic.Extras:
+    def rootfs(tree: Tree) -> None:
+        _userland(tree, kit, kit.resinos_files)
+        init = _RESINOS_INIT.replace("@MARKER@", REPORT_MARKER)
+        tree.file("usr/sbin/init", init.replace("@MODULES@", _modules_words(kit)).encode(),
+                  0o755)
+        tree.dir("mnt/boot")
+        tree.dir("mnt/data")
+
+    return synthetic.Extras(grub=kit.grub, kernel=kit.vmlinuz,
+                            initrd=kit.initrd(release.migrator), image_cfg=resinos_grub_cfg(),
+                            rootfs=rootfs)
 
 
-def _build_resinos(path: Path, kit: BootKit, work: Path) -> None:
-    parts = synthetic._msdos_layout(
-        [
-            (_RESIN_BOOT_SIZE, _TYPE_FAT16_LBA, True),
-            (_RESIN_ROOT_SIZE, _TYPE_LINUX, False),
-            (_RESIN_ROOT_SIZE, _TYPE_LINUX, False),
-        ],
-        [_RESIN_STATE_SIZE, _RESIN_DATA_SIZE],
-    )
-    by_number = {p.number: p for p in parts}
-    synthetic._new_sparse(path, parts[-1].end * SECTOR)
-    synthetic._write_table(path, parts, synthetic._fixed_u32(_SEED, "bootable-resinos", "id"))
-    _write_boot_code(path, kit)
-
-    grub_cfg = _RESINOS_GRUB_CFG.encode()
-    boot_files: dict[str, Path | bytes] = {
-        "config.json": RESINOS_CONFIG,
-        "bzImage": kit.vmlinuz,
-        "initrd": kit.initrd,
-        "grub/grub.cfg": grub_cfg,
-        "grub.cfg": grub_cfg,
-        "EFI/BOOT/grub.cfg": grub_cfg,
-        **_grub_files(kit),
-    }
-    p1 = by_number[1]
-    _make_fat(work / "p1", p1.nbytes, "resin-boot", p1.start, boot_files, work)
-    synthetic._place(work / "p1", path, p1.offset, p1.nbytes)
-    (work / "p1").unlink()
-
-    root_a = _Stage(work / "resin-rootA")
-    root_a.userland(kit, kit.resinos_files)
-    init = _RESINOS_INIT.replace("@MARKER@", REPORT_MARKER)
-    root_a.file("usr/sbin/init", init.replace("@MODULES@", _modules_words(kit)).encode(), 0o755)
-    root_a.file("etc/os-release", _os_release())
-    root_a.file("etc/hostname", b"resin\n")
-    root_a.file("etc/fstab", b"/dev/root / auto defaults 1 1\n")
-    root_a.dir("mnt/boot")
-    root_a.dir("mnt/data")
-    data = _Stage(work / "resin-data")
-    data.file("README", b"resin-migrate test resinOS: resin-data\n")
-    data.file("docker/.keep", b"")
-    for number, label, tree in (
-        (2, "resin-rootA", root_a),
-        (3, "resin-rootB", None),
-        (5, "resin-state", None),
-        (6, "resin-data", data),
-    ):
-        part = by_number[number]
-        img = work / f"p{number}"
-        synthetic._make_ext4(img, part.nbytes, label, _SEED, tree, work)
-        synthetic._place(img, path, part.offset, part.nbytes)
-        img.unlink()
-
-
-def bootable_resinos_image(path: Path) -> None:
-    """Write the bootable resinOS stand-in (sparse, 136 MiB apparent, 24 MiB used) to path."""
+def bootable_resinos_image(path: Path, release: Release = FLASHER_RELEASE) -> None:
+    """Write the bootable resinOS stand-in of a release row (sparse) to path."""
     kit = boot_kit()
-    with tempfile.TemporaryDirectory(prefix="bootable-resinos-") as tmp:
-        _build_resinos(Path(path), kit, Path(tmp))
+    synthetic.build_resinos_image(Path(path), release, extras=_resinos_extras(kit, release))
 
 
 # --------------------------------------------------------------------------- flasher
 
+#: The rig's own units in the flasher: the kernel modules balena's kernels carry, and the
+#: units the registration requires (the real ones make the device's UUID and API key).
+_RIG_MODULES_UNIT = """\
+[Unit]
+Description=resin-migrate rig: the loop and FAT modules balena's kernel has
+DefaultDependencies=no
+Before=sysinit.target systemd-udev-trigger.service local-fs-pre.target
 
-_FLASHER_INIT = r"""#!/bin/bash
-# resin-migrate test flasher: PID 1 on flash-rootA, started by the Debian initramfs after
-# it mounted root=LABEL=flash-rootA (read-only). Runs stage 2; if it returns, reboots.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-say() { printf '%s %s\n' "@MARKER@" "$*"; }
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
-mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
-mountpoint -q /tmp || mount -t tmpfs -o mode=1777 tmpfs /tmp
-say "start kernel=$(uname -r)"
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/rig-load-modules
+
+[Install]
+WantedBy=sysinit.target
+"""
+
+_RIG_LOAD_MODULES = """\
+#!/bin/sh
+# resin-migrate rig: load the modules the stand-in flasher's kernel lacks
 moddir=/usr/lib/modules/$(uname -r)
 for m in @MODULES@; do
-    name=$(basename "$m" .ko)
-    name=${name//-/_}
-    [ -d "/sys/module/$name" ] || insmod "$moddir/$m" || say "warning=insmod $m failed"
+    name=$(basename "$m" .ko | tr - _)
+    [ -d "/sys/module/$name" ] || insmod "$moddir/$m" || echo "rig: insmod $m failed" >&2
 done
-say "stage2 start"
-bash /usr/bin/resin-init-flasher
-code=$?
-say "stage2-exit=$code"
-sync
-if [ "$code" = 2 ]; then
-    # stage 2 failed after its point of no return: a reboot would not come back
-    say "staying up"
-    while :; do sleep 3600; done
-fi
-reboot -f
-sleep 5
-echo b > /proc/sysrq-trigger
 """
 
-#: flash-rootA's /usr/bin/resin-init-flasher before the builder installs the real one.
-_PLACEHOLDER_STAGE2 = b"""#!/bin/bash
-# Placeholder: the builder (invoke build-flasher) installs runtime/resin-init-flasher here.
-echo "resin-init-flasher: placeholder of the test flasher; nothing to do" >&2
-exit 1
+_RIG_STAND_IN_UNIT = """\
+[Unit]
+Description=resin-migrate rig: stand-in for balena's {name}
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/echo "stand-in {name}: done"
 """
 
-
-def _build_flasher(path: Path, kit: BootKit, inner: Path, work: Path) -> None:
-    root_a = _Stage(work / "flash-rootA")
-    root_a.userland(kit, kit.flasher_files)
-    init = _FLASHER_INIT.replace("@MARKER@", INIT_MARKER)
-    root_a.file("usr/sbin/init", init.replace("@MODULES@", _modules_words(kit)).encode(), 0o755)
-    root_a.file("usr/bin/resin-init-flasher", _PLACEHOLDER_STAGE2, 0o755)
-    root_a.file("etc/resin-init-flasher.conf", synthetic._flasher_conf(synthetic.FlasherSpec()))
-    root_a.file("etc/os-release", _os_release())
-    root_a.file("etc/hostname", b"resin-flasher\n")
-    run(["cp", "--sparse=always", inner, root_a.path(f"opt/{INNER_NAME}", 0o644)])
-    raw = root_a.apparent_size()
-    root_a_size = synthetic._round_up(int(raw * _ROOTA_FREE_FACTOR) + _ROOTA_OVERHEAD, ALIGN)
-
-    parts = synthetic._msdos_layout(
-        [
-            (_FLASH_BOOT_SIZE, _TYPE_FAT16_LBA, True),
-            (root_a_size, _TYPE_LINUX, False),
-            (_FLASH_ROOTB_SIZE, _TYPE_LINUX, False),
-        ],
-        [_FLASH_STATE_SIZE, _FLASH_DATA_SIZE],
-    )
-    by_number = {p.number: p for p in parts}
-    synthetic._new_sparse(path, parts[-1].end * SECTOR)
-    synthetic._write_table(path, parts, synthetic._fixed_u32(_SEED, "bootable-flasher", "id"))
-    _write_boot_code(path, kit)
-
-    grub_cfg = _FLASHER_GRUB_CFG.encode()
-    boot_files: dict[str, Path | bytes] = {
-        "config.json": FLASHER_CONFIG,
-        "resin-image-flasher": b"",
-        "vmlinuz": kit.vmlinuz,
-        "initrd": kit.initrd,
-        "grub.cfg": grub_cfg,
-        "EFI/BOOT/grub.cfg": grub_cfg,
-        "grub.cfg_internal": _RESINOS_GRUB_CFG.encode(),
-        "grub/grub.cfg": _FLASHER_OWN_GRUB_CFG.encode(),
-        "splash/resin-logo.png": synthetic._png(_SEED, "flasher", "splash"),
-        **_grub_files(kit),
-    }
-    p1 = by_number[1]
-    _make_fat(work / "p1", p1.nbytes, "flash-boot", p1.start, boot_files, work)
-    synthetic._place(work / "p1", path, p1.offset, p1.nbytes)
-    (work / "p1").unlink()
-
-    for number, label, tree in ((2, "flash-rootA", root_a), (3, "flash-rootB", None)):
-        part = by_number[number]
-        img = work / f"p{number}"
-        synthetic._make_ext4(img, part.nbytes, label, _SEED, tree, work)
-        synthetic._place(img, path, part.offset, part.nbytes)
-        img.unlink()
-    # 5 flash-state and 6 flash-data stay unformatted, as in a real flasher
+_PASSWD = ("root:x:0:0:root:/home/root:/bin/sh\n"
+           "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+_GROUP_NAMES = ("root", "tty", "disk", "kmem", "dialout", "cdrom", "tape", "audio", "video",
+                "input", "kvm", "render", "sgx", "utmp", "systemd-journal", "nogroup")
 
 
-def bootable_flasher_image(path: Path, inner: Path | None = None) -> None:
-    """Write the bootable flasher (sparse) to path; its flash-rootA holds inner (default: a
-    fresh bootable_resinos_image) as /opt/resin-image-genericx86-64.resinos-img."""
+def _flasher_extras(kit: BootKit, release: Release) -> synthetic.Extras:
+    def rootfs(tree: Tree) -> None:
+        _userland(tree, kit, kit.flasher_files)
+        units = "usr/lib/systemd/system"
+        for rel in kit.units:
+            src = kit.files / units / rel
+            if src.is_symlink():
+                tree.symlink(f"{units}/{rel}", os.readlink(src))
+            else:
+                tree.copy(f"{units}/{rel}", src, 0o644)
+        tree.symlink("usr/sbin/init", "../lib/systemd/systemd")
+        tree.symlink("etc/systemd/system/default.target", f"/{units}/multi-user.target")
+        tree.symlink("etc/systemd/system/local-fs.target.wants/tmp.mount", f"/{units}/tmp.mount")
+        tree.file(f"{units}/rig-kernel-modules.service", _RIG_MODULES_UNIT.encode())
+        tree.symlink("etc/systemd/system/sysinit.target.wants/rig-kernel-modules.service",
+                     f"/{units}/rig-kernel-modules.service")
+        tree.file("usr/sbin/rig-load-modules",
+                  _RIG_LOAD_MODULES.replace("@MODULES@", _modules_words(kit)).encode(), 0o755)
+        for name in ("balena-device-uuid.service", "os-config-devicekey.service",
+                     "resin-device-uuid.service", "resin-device-api-key.service"):
+            tree.file(f"{units}/{name}", _RIG_STAND_IN_UNIT.format(name=name).encode())
+        tree.file("etc/machine-id", b"")
+        tree.file("etc/passwd", _PASSWD.encode())
+        tree.file("etc/group", "".join(f"{name}:x:{gid}:\n" for gid, name in enumerate(
+            _GROUP_NAMES[:-1])).encode() + b"nogroup:x:65534:\n")
+        tree.file("etc/hostname", b"balena-flasher\n")
+        for d in ("mnt/boot", "mnt/boottmp", "mnt/bootorig", "var/log", "home/root"):
+            tree.dir(d)
+
+    return synthetic.Extras(grub=kit.grub, kernel=kit.vmlinuz,
+                            initrd=kit.initrd(release.migrator), image_cfg=resinos_grub_cfg(),
+                            rootfs=rootfs, boot_files={"system-proxy/redsocks.conf": PROXY_CONF})
+
+
+def bootable_flasher_image(path: Path, release: Release = FLASHER_RELEASE,
+                           inner: Path | None = None) -> None:
+    """Write the bootable flasher of a release row (sparse) to path; its flash-rootA holds
+    inner (default: the row's cached bootable resinOS stand-in) under the row's name."""
     kit = boot_kit()
-    with tempfile.TemporaryDirectory(prefix="bootable-flasher-") as tmp:
-        work = Path(tmp)
-        if inner is None:
-            inner = work / "inner.img"
-            _build_resinos(inner, kit, work / "inner-work")
-        _build_flasher(Path(path), kit, Path(inner), work)
+    synthetic.build_flasher_image(
+        Path(path), synthetic.FlasherSpec(release=release, with_zstd=True),
+        inner=inner or cached_bootable_resinos(release), extras=_flasher_extras(kit, release))
 
 
 # --------------------------------------------------------------------------- cache
 
 
-def _cached(name: str, build: Callable[[Path], None]) -> Path:
-    directory = cache_dir()
-    final = directory / f"{name}-{bootimages_key()}.img"
-    if final.exists():
-        return final
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        started = time.monotonic()
-        build(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-        log.info("%s built in %.0f s", final.name, time.monotonic() - started)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+def _cached(name: str, release: Release, build) -> Path:
+    return imaging.cached(f"{name}-{release.name}-{bootimages_key()}.img", build)
 
 
-def cached_bootable_resinos() -> Path:
-    """The bootable resinOS stand-in, built once into cache_dir(). Never modify it."""
-    return _cached("bootable-resinos", bootable_resinos_image)
+def cached_bootable_resinos(release: Release = FLASHER_RELEASE) -> Path:
+    """The bootable resinOS stand-in of a row, built once into cache_dir(). Never modify it."""
+    return _cached("bootable-resinos", release, lambda p: bootable_resinos_image(p, release))
 
 
-def cached_bootable_flasher() -> Path:
-    """The bootable flasher (holding cached_bootable_resinos()), built once into
+def cached_bootable_flasher(release: Release = FLASHER_RELEASE) -> Path:
+    """The bootable flasher of a row (holding its resinOS stand-in), built once into
     cache_dir(). Never modify it: boot or edit a copy (sparse_copy)."""
-    inner = cached_bootable_resinos()
-    return _cached("bootable-flasher", lambda p: bootable_flasher_image(p, inner))
+    inner = cached_bootable_resinos(release)
+    return _cached("bootable-flasher", release,
+                   lambda p: bootable_flasher_image(p, release, inner))
 
 
-def is_cached() -> bool:
-    """True when both images are cached for this key: the tests need no root then."""
+def is_cached(release: Release = FLASHER_RELEASE) -> bool:
+    """True when both images of the row are cached: the tests need no root then."""
     key = bootimages_key()
-    return all((cache_dir() / f"{n}-{key}.img").exists()
+    return all((cache_dir() / f"{n}-{release.name}-{key}.img").exists()
                for n in ("bootable-resinos", "bootable-flasher"))
 
 
@@ -959,8 +810,7 @@ def sparse_copy(src: Path, dst: Path) -> Path:
 
 def partition_offsets(image: Path) -> dict[int, tuple[int, int]]:
     """{partition number: (byte offset, byte size)} from the image's msdos table."""
-    out = run(["sfdisk", "--json", image]).stdout
-    table = json.loads(out)["partitiontable"]
+    table = json.loads(run(["sfdisk", "--json", image]).stdout)["partitiontable"]
     result = {}
     for part in table["partitions"]:
         number = int(re.search(r"(\d+)$", part["node"]).group(1))  # type: ignore[union-attr]
@@ -973,23 +823,15 @@ def replace_in_ext4(image: Path, number: int, target: str, content: bytes,
     """Replace the file target in the ext4 partition number of a disk image with content
     (root-owned, mode), rootless: debugfs `rm` + `write` at the partition's offset."""
     offset, _ = partition_offsets(image)[number]
+    device = f"{image}?offset={offset}"
     with tempfile.TemporaryDirectory(prefix="replace-ext4-") as tmp:
         src = Path(tmp) / "content"
         src.write_bytes(content)
         q = '"' + target.replace('"', '\\"') + '"'
-        cmds = Path(tmp) / "cmds"
-        cmds.write_text(
-            f"rm {q}\nwrite {src} {q}\nsif {q} mode 0{0o100000 | mode:o}\n"
-            f"sif {q} uid 0\nsif {q} gid 0\n"
-        )
-        device = f"{image}?offset={offset}"
-        proc = run(["debugfs", "-w", "-f", cmds, device])
-        errors = [ln for ln in proc.stderr.splitlines()
-                  if ln.strip() and not ln.startswith("debugfs ")]
-        if errors:
-            raise CommandError(["debugfs", "-w", "-f", str(cmds), device], 0, "\n".join(errors))
-        check = run(["debugfs", "-R", f"cat {q}", device]).stdout
-        if check.encode() != content:
+        imaging.debugfs(device, [f"rm {q}", f"write {src} {q}",
+                                 f"sif {q} mode 0{0o100000 | mode:o}", f"sif {q} uid 0",
+                                 f"sif {q} gid 0"], write=True)
+        if imaging.debugfs(device, [f"cat {q}"]).encode() != content:
             raise RigError(f"{image}: {target} reads back different after debugfs write")
 
 
@@ -1016,6 +858,14 @@ class ResinosReport:
         """The labels blkid saw (label=<label> <device> lines)."""
         return sorted(v.split()[0] for v in self.all("label"))
 
+    def files(self, key: str) -> dict[str, str]:
+        """{name: sha256} of "<sha256> <name>" values (boot_file, boot_connection...)."""
+        found = {}
+        for value in self.all(key):
+            digest, _, name = value.partition(" ")
+            found[name] = digest
+        return found
+
 
 _REPORT_LINE = re.compile(rf"{REPORT_MARKER} ([A-Za-z0-9_]+)(?:=(.*))?$")
 
@@ -1038,116 +888,3 @@ def parse_report(console: str) -> ResinosReport:
         values.setdefault(key, []).append(value)
     return ResinosReport(values=values, started=started, complete=complete)
 
-
-# --------------------------------------------------------------------------- boot
-
-
-QEMU = "qemu-system-x86_64"
-_KILL_GRACE = 5.0
-
-
-@dataclasses.dataclass(frozen=True)
-class BootResult:
-    console: str  # serial ttyS0 (SeaBIOS, GRUB, kernel, init), CRLF -> LF
-    seconds: float
-    timed_out: bool
-    marker_seen: bool  # `until` was found (QEMU was then stopped)
-    returncode: int | None  # QEMU's; None when it was stopped
-
-
-def _opt(value: str | os.PathLike[str]) -> str:
-    return os.fspath(value).replace(",", ",,")
-
-
-def qemu_boot_argv(
-    disks: Sequence[Path],
-    console_log: Path,
-    *,
-    memory_mib: int = 1024,
-    reboot: bool = False,
-    snapshot: bool = False,
-) -> list[str]:
-    """QEMU booting disks[0] by legacy BIOS (SeaBIOS), IDE disks, serial to a file."""
-    argv = [
-        QEMU, "-nodefaults", "-no-user-config", "-display", "none",
-        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", "2",
-        "-m", str(memory_mib), "-rtc", "base=utc", "-nic", "none", "-boot", "order=c",
-        "-serial", f"file:{console_log}",
-    ]
-    if not reboot:
-        argv.append("-no-reboot")
-    for disk in disks:
-        drive = f"file={_opt(disk)},format=raw,if=ide,cache=unsafe"
-        argv += ["-drive", drive + (",snapshot=on" if snapshot else "")]
-    return argv
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
-    except FileNotFoundError:
-        return ""
-
-
-def boot_disk(
-    disk: Path,
-    *,
-    extra_disks: Sequence[Path] = (),
-    timeout: float = 300,
-    until: str | None = None,
-    reboot: bool = False,
-    snapshot: bool = False,
-    memory_mib: int = 1024,
-    console_log: Path | None = None,
-) -> BootResult:
-    """Boot disk by BIOS in QEMU (TCG) and return the serial log.
-
-    The run ends when the guest powers off (or reboots: -no-reboot, unless reboot=True),
-    when `until` appears in the serial log (QEMU is then stopped a second later), or after
-    timeout seconds. The disk is written (cache=unsafe): pass a copy, or snapshot=True.
-    console_log keeps the serial log at that path (default: a temporary file)."""
-    qemu = shutil.which(QEMU, path=base_env()["PATH"])
-    if qemu is None:
-        raise RigError(f"no {QEMU} on this host (apt-get install qemu-system-x86)")
-    with tempfile.TemporaryDirectory(prefix="resin-boot-") as tmp:
-        log_path = Path(console_log) if console_log else Path(tmp) / "console.log"
-        log_path.unlink(missing_ok=True)
-        argv = qemu_boot_argv([Path(disk), *map(Path, extra_disks)], log_path,
-                              memory_mib=memory_mib, reboot=reboot, snapshot=snapshot)
-        argv[0] = qemu
-        env = base_env()
-        env["TMPDIR"] = tmp
-        log.debug("boot: %s", shlex.join(argv))
-        started = time.monotonic()
-        timed_out = marker_seen = False
-        with open(Path(tmp) / "qemu.log", "wb") as qemu_out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_out,
-                                    stderr=subprocess.STDOUT, env=env)
-            try:
-                while proc.poll() is None:
-                    if time.monotonic() - started > timeout:
-                        timed_out = True
-                        break
-                    if until is not None and until in _read(log_path):
-                        marker_seen = True
-                        time.sleep(1.0)
-                        break
-                    time.sleep(0.25)
-            finally:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=_KILL_GRACE)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-                    returncode = None
-                else:
-                    returncode = proc.returncode
-        seconds = time.monotonic() - started
-        console = _read(log_path)
-        if returncode not in (None, 0):
-            raise RigError(f"{QEMU} exited with {returncode}: "
-                           f"{_read(Path(tmp) / 'qemu.log').strip()}\n{console[-3000:]}")
-        return BootResult(console=console, seconds=seconds, timed_out=timed_out,
-                          marker_seen=marker_seen, returncode=returncode)

@@ -46,9 +46,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.imaging import MKE2FS_CONF, cached, key
 from tests.rig import CommandError, RigError, run
 from tests.rig.rootfs import debian_rootfs, mounts_below, rootfs_key, unmount_below, unpack
-from tests.synthetic import cache_dir
 
 __all__ = [
     "SwapPlacement",
@@ -87,22 +87,6 @@ ROOT_UUID = "3f2b9c1e-7d4a-4e8b-9a61-2c5d8e0f1a37"
 DISK_ID = 0x1E9AC1D5
 SWAPFILE_MIB = 64
 
-# Pinned mkfs.ext4 defaults (Debian 12's, which GRUB 2.06 and Linux 6.1 read), so the
-# host's /etc/mke2fs.conf does not change the filesystem.
-_MKE2FS_CONF = """\
-[defaults]
-	base_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr
-	default_mntopts = acl,user_xattr
-	enable_periodic_fsck = 0
-	blocksize = 4096
-	inode_size = 256
-	inode_ratio = 16384
-
-[fs_types]
-	ext4 = {
-		features = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize
-	}
-"""
 
 
 # --------------------------------------------------------------------------- spec
@@ -436,8 +420,10 @@ def chroot_binds(sysroot: Path) -> Iterator[Path]:
 
 
 def _mkfs_env(workdir: Path) -> dict[str, str]:
+    """Pinned mkfs.ext4 defaults (Debian 12's, which GRUB 2.06 and Linux 6.1 read), so the
+    host's /etc/mke2fs.conf does not change the filesystem."""
     conf = workdir / "mke2fs.conf"
-    conf.write_text(_MKE2FS_CONF)
+    conf.write_text(MKE2FS_CONF)
     return {"MKE2FS_CONFIG": str(conf)}
 
 
@@ -510,33 +496,15 @@ def make_legacy_image(path: Path, spec: LegacySpec = LegacySpec()) -> None:
         run(["e2fsck", "-fn", dev.root])
 
 
-def _cache_key(spec: LegacySpec) -> str:
-    h = hashlib.sha256()
-    h.update(repr(spec).encode())
-    h.update(rootfs_key().encode())
-    h.update(Path(__file__).read_bytes())
-    return h.hexdigest()[:20]
+def legacy_key(spec: LegacySpec) -> str:
+    return key(spec, rootfs_key(), Path(__file__))
 
 
 def cached_legacy_image(spec: LegacySpec = LegacySpec()) -> Path:
     """Path of the legacy image of spec, built once into cache_dir() and reused. Never
     modify it: copy it first (copy_legacy_image)."""
-    directory = cache_dir()
-    final = directory / f"legacy-{_cache_key(spec)}.img"
-    if final.exists():
-        return final
     debian_rootfs()  # outside the temporary image's lifetime: it takes a while
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        make_legacy_image(tmp, spec)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+    return cached(f"legacy-{legacy_key(spec)}.img", lambda tmp: make_legacy_image(tmp, spec))
 
 
 def copy_legacy_image(spec: LegacySpec, dest: Path) -> Path:

@@ -20,7 +20,6 @@ overrides it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -29,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests import imaging
+from tests.imaging import cache_dir, cached
 from tests.rig import CommandError, RigError, base_env, run
-from tests.synthetic import cache_dir
 
 __all__ = [
     "SUITE",
@@ -181,11 +181,8 @@ def _remove_tree(path: Path) -> None:
 
 
 def rootfs_key(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> str:
-    h = hashlib.sha256()
-    h.update(f"suite={suite}\npackages={','.join(packages)}\n".encode())
-    h.update(Path(__file__).read_bytes())
-    h.update(Path(__file__).with_name("__init__.py").read_bytes())
-    return h.hexdigest()[:20]
+    """The tarball's key: what debootstrap is asked for, and this module (its customizing)."""
+    return imaging.key(Path(__file__), suite, packages)
 
 
 def _set_shell_vars(text: str, values: dict[str, str]) -> str:
@@ -294,21 +291,8 @@ def build_rootfs(
 
 def debian_rootfs(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> Path:
     """The cached rootfs tarball (built on first use: about a minute and a half)."""
-    directory = cache_dir()
-    final = directory / f"rootfs-{rootfs_key(suite, packages)}.tar.zst"
-    if final.exists():
-        return final
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        build_rootfs(tmp, suite, packages)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+    return cached(f"rootfs-{rootfs_key(suite, packages)}.tar.zst",
+                  lambda tmp: build_rootfs(tmp, suite, packages))
 
 
 def unpack(tarball: Path, directory: Path) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import imaging
+from tests.imaging import Drive
 from tests.rig import bootable, vm
 from tests.rig.bootable import (
     DONE_FILE,
@@ -105,10 +107,10 @@ def throwaway(spec: LegacySpec, tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- no VM
 
 
-def test_boot_argv_is_a_bios_boot_that_survives_reboots(tmp_path: Path) -> None:
+def test_qemu_argv_is_a_bios_boot_that_survives_reboots(tmp_path: Path) -> None:
     odd = tmp_path / "a,b.img"
-    argv = bootable.boot_argv(disk=odd, serial0=Path("/s0"), serial1=Path("/s1"),
-                              autorun=Path("/script"), extra_disks=[Path("/extra")])
+    argv = imaging.qemu_argv([Drive(odd), Drive(Path("/extra"))], [Path("/s0"), Path("/s1")],
+                             fw_cfg={"opt/autorun": Path("/script")})
     assert "-no-reboot" not in argv and "-kernel" not in argv and "-enable-kvm" not in argv
     assert "tcg,thread=multi" in argv and "qemu64" in argv
     assert argv[argv.index("-nic") + 1] == "none"
@@ -118,14 +120,16 @@ def test_boot_argv_is_a_bios_boot_that_survives_reboots(tmp_path: Path) -> None:
     assert "ide-hd,drive=disk1,bus=ide.0,unit=1,serial=resin-disk1" in argv
     assert "name=opt/autorun,file=/script" in argv
     assert "file,id=ttyS0,path=/s0" in argv and "file,id=ttyS1,path=/s1" in argv
-    no_script = bootable.boot_argv(disk=odd, serial0=Path("/s0"), serial1=Path("/s1"))
-    assert "-fw_cfg" not in no_script
+    no_script = imaging.qemu_argv([Drive(odd)], [Path("/s0")], reboot=False)
+    assert "-fw_cfg" not in no_script and "-no-reboot" in no_script
+    with pytest.raises(ValueError, match="at most 4 IDE"):
+        imaging.qemu_argv([Drive(odd)] * 5, [])
 
 
 def test_lines_are_stamped_as_they_arrive(tmp_path: Path) -> None:
     path = tmp_path / "serial.log"
     path.write_bytes(b"")
-    lines = bootable._Lines(path)
+    lines = imaging._Lines(path)
     try:
         with open(path, "ab") as f:
             f.write(b"\r\nLoading Linux ...\r\npart")
@@ -140,8 +144,8 @@ def test_lines_are_stamped_as_they_arrive(tmp_path: Path) -> None:
                                (2.5, "[  OK  ] Reached x."), (3.0, "login: ")]
     finally:
         lines.close()
-    result = BootResult(serial0=[(1.0, "a x"), (4.0, "b")], serial1=[(2.0, "x"), (3.0, "c")],
-                        reason="poweroff", seconds=5.0)
+    result = BootResult(serials=[[(1.0, "a x"), (4.0, "b")], [(2.0, "x"), (3.0, "c")]],
+                        reason="poweroff", seconds=5.0, returncode=0)
     assert result.lines("x") == [(1.0, "a x"), (2.0, "x")]
     assert result.first("x", port=1) == 2.0 and result.first("nowhere") is None
     assert result.serial1_text == "x\nc\n"

@@ -84,16 +84,20 @@ def test_qemu_argv(tmp_path: Path) -> None:
     argv = vm.qemu_argv(
         kernel=Path("/k"), initrd=Path("/i"), root=Path("/root.img"), script=Path("/s"),
         disks=[Path("/d0"), Path("/d1"), odd], shares={"bundle": Path("/x")},
-        console_log=Path("/c"), output_log=Path("/o"),
+        serials=(Path("/c"), Path("/o")),
     )
     text = " ".join(argv)
     assert "-enable-kvm" not in argv and "tcg,thread=multi" in argv and "qemu64" in argv
-    assert "if=none,id=root,file=/root.img,format=raw,snapshot=on" in argv
+    assert "-no-reboot" in argv and argv[argv.index("-kernel") + 1] == "/k"
+    assert "if=none,id=disk3,file=/root.img,format=raw,cache=unsafe,snapshot=on" in argv
+    assert "virtio-blk-pci,drive=disk3" in argv
     assert "ide-hd,drive=disk0,bus=ide.0,unit=0,serial=resin-disk0" in argv
     assert "ide-hd,drive=disk1,bus=ide.0,unit=1,serial=resin-disk1" in argv
     assert "ide-hd,drive=disk2,bus=ide.1,unit=0,serial=resin-disk2" in argv
+    assert "bootindex" not in text  # direct kernel boot
     assert f"file={str(odd).replace(',', ',,')},format=raw,cache=unsafe" in text
     assert "local,path=/x,mount_tag=bundle,security_model=none,readonly=on" in argv
+    assert "name=opt/resin-migrate/shares,string=bundle" in argv
     assert argv[argv.index("-nic") + 1] == "none"
 
 

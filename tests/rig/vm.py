@@ -42,22 +42,17 @@ is unpacked with its owners, then ``mkfs.ext4 -d``); running the VM does not.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
 import shutil
-import signal
-import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.rig import RigError, base_env, run
-from tests.rig.legacy import _MKE2FS_CONF
+from tests import imaging
+from tests.imaging import MKE2FS_CONF, Drive, cache_dir, cached
+from tests.rig import RigError, run
 from tests.rig.rootfs import debian_rootfs, rootfs_key, unpack
-from tests.synthetic import cache_dir
 
 __all__ = [
     "VmResult",
@@ -80,7 +75,6 @@ SETUP_ERROR_MARKER = "RESIN-MIGRATE-VM-SETUP-ERROR"
 ROOT_LABEL = "resin-vm-root"
 ROOT_UUID = "6b1f3c52-9e0d-4a7b-8c21-5d4e3f2a1b09"
 HOSTNAME = "resin-migrate-vm"
-QEMU = "qemu-system-x86_64"
 KERNEL_CMDLINE = (
     "root=/dev/vda rootfstype=ext4 rw console=ttyS0,115200 panic=1 fsck.mode=skip "
     "systemd.unit=multi-user.target net.ifnames=0 mitigations=off modprobe.blacklist=sd_mod"
@@ -90,7 +84,6 @@ _UNIT = "resin-migrate-vm-autorun.service"
 _WRAPPER = "/usr/local/sbin/resin-migrate-vm-autorun"
 _FW_SCRIPT = "opt/autorun"
 _FW_SHARES = "opt/resin-migrate/shares"
-_KILL_GRACE = 5.0
 
 # The guest side: run by _UNIT after multi-user.target.
 _WRAPPER_TEXT = f"""\
@@ -246,50 +239,26 @@ class VmError(RigError):
 # --------------------------------------------------------------------------- boot files
 
 
-def _atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Build a directory with fill(tmpdir) next to final and rename it into place; a
-    concurrent builder that won the race is kept."""
-    if final.is_dir():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o755)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return final
-
-
 def boot_files() -> tuple[Path, Path]:
     """(vmlinuz, initrd.img) of the rig's rootfs, extracted from its tarball once and
     cached in cache_dir()/vm-boot-<rootfs key>/. No root needed once the tarball exists."""
-    final = cache_dir() / f"vm-boot-{rootfs_key()}"
-    if final.is_dir():
-        return final / "vmlinuz", final / "initrd.img"
-    tarball = debian_rootfs()
-
     def fill(tmp: Path) -> None:
+        tarball = debian_rootfs()
         members = ["./boot/vmlinuz-*", "./boot/initrd.img-*"]
         run(
             ["tar", "--extract", "--file", tarball, "--use-compress-program", "zstd -d -q",
              "--wildcards", "--no-same-owner", "-C", tmp, *members],
             timeout=600,
         )
-        for pattern, name in (("vmlinuz-*", "vmlinuz"), ("initrd.img-*", "initrd.img")):
+        for pattern, target in (("vmlinuz-*", "vmlinuz"), ("initrd.img-*", "initrd.img")):
             found = sorted((tmp / "boot").glob(pattern))
             if len(found) != 1:
                 raise RigError(f"{tarball}: expected one /boot/{pattern}, found {len(found)}")
-            found[0].rename(tmp / name)
+            found[0].rename(tmp / target)
             (tmp / "version").write_text(found[0].name.split("-", 1)[1] + "\n")
         shutil.rmtree(tmp / "boot")
 
-    directory = _atomic_dir(final, fill)
+    directory = cached(f"vm-boot-{rootfs_key()}", fill, directory=True)
     return directory / "vmlinuz", directory / "initrd.img"
 
 
@@ -297,11 +266,7 @@ def boot_files() -> tuple[Path, Path]:
 
 
 def _root_key() -> str:
-    h = hashlib.sha256()
-    h.update(rootfs_key().encode())
-    h.update(Path(__file__).read_bytes())
-    h.update(_MKE2FS_CONF.encode())
-    return h.hexdigest()[:20]
+    return imaging.key(rootfs_key(), Path(__file__), MKE2FS_CONF)
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -363,7 +328,7 @@ def _make_root_disk(image: Path, tarball: Path) -> None:
         used = _du_bytes(tree)
         size_mib = max(2048, -(-(used * 13 // 10 + 768 * MiB) // (256 * MiB)) * 256)
         conf = Path(tree.parent) / f"{tree.name}.mke2fs.conf"
-        conf.write_text(_MKE2FS_CONF)
+        conf.write_text(MKE2FS_CONF)
         try:
             with open(image, "wb") as f:
                 f.truncate(size_mib * MiB)
@@ -393,81 +358,32 @@ def root_disk() -> Path:
     """The tools VM's root filesystem image (ext4, no partition table), built once into
     cache_dir()/vm-root-<key>.img. Never modify it: the VM attaches it with snapshot=on.
     Building it needs root; about a minute."""
-    final = _root_disk_path()
-    if final.exists():
-        return final
+    if _root_disk_path().exists():
+        return _root_disk_path()
     tarball = debian_rootfs()
-    directory = final.parent
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        started = time.monotonic()
-        _make_root_disk(tmp, tarball)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-        log.info("tools VM root disk built in %.0f s", time.monotonic() - started)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return final
+    return cached(_root_disk_path().name, lambda tmp: _make_root_disk(tmp, tarball))
 
 
 # --------------------------------------------------------------------------- run
 
 
-def _opt(value: str | os.PathLike[str]) -> str:
-    """A value inside a QEMU -opt list: commas doubled."""
-    return os.fspath(value).replace(",", ",,")
-
-
-def qemu_argv(
-    *,
-    kernel: Path,
-    initrd: Path,
-    root: Path,
-    script: Path,
-    disks: list[Path],
-    shares: dict[str, Path],
-    console_log: Path,
-    output_log: Path,
-    memory_mib: int = 1024,
-) -> list[str]:
-    """The QEMU command line of one run (see the module docstring)."""
-    argv = [
-        QEMU,
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", "2",
-        "-m", str(memory_mib), "-rtc", "base=utc", "-nic", "none",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", KERNEL_CMDLINE,
-        "-chardev", f"file,id=ttyS0,path={_opt(console_log)}",
-        "-chardev", f"file,id=ttyS1,path={_opt(output_log)}",
-        "-serial", "chardev:ttyS0", "-serial", "chardev:ttyS1",
-        "-device", "virtio-rng-pci",
-        "-drive", f"if=none,id=root,file={_opt(root)},format=raw,snapshot=on",
-        "-device", "virtio-blk-pci,drive=root",
-        "-fw_cfg", f"name={_FW_SCRIPT},file={_opt(script)}",
-    ]
-    for i, disk in enumerate(disks):
-        argv += [
-            "-drive", f"if=none,id=disk{i},file={_opt(disk)},format=raw,cache=unsafe",
-            "-device", f"ide-hd,drive=disk{i},bus=ide.{i // 2},unit={i % 2},serial=resin-disk{i}",
-        ]
-    for tag, directory in shares.items():
-        argv += [
-            "-virtfs",
-            f"local,path={_opt(directory)},mount_tag={tag},security_model=none,readonly=on",
-        ]
+def _machine(kernel: Path, initrd: Path, root: Path, disks: list[Path],
+             shares: dict[str, Path], script: Path) -> tuple[list[Drive], dict]:
+    """The tools VM (see the module docstring): the test disks on the IDE controller in
+    order, the root disk as virtio-blk with snapshot=on, direct kernel boot, no reboot."""
+    fw_cfg: dict[str, Path | str] = {_FW_SCRIPT: script}
     if shares:
-        argv += ["-fw_cfg", f"name={_FW_SHARES},string={' '.join(shares)}"]
-    return argv
+        fw_cfg[_FW_SHARES] = " ".join(shares)
+    drives = [*(Drive(disk) for disk in disks), Drive(root, bus="virtio", snapshot=True)]
+    return drives, {"kernel": kernel, "initrd": initrd, "append": KERNEL_CMDLINE,
+                    "fw_cfg": fw_cfg, "shares": shares, "reboot": False}
 
 
-def _read_log(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
+def qemu_argv(*, kernel: Path, initrd: Path, root: Path, disks: list[Path],
+              shares: dict[str, Path], serials: tuple[Path, Path], script: Path) -> list[str]:
+    """The QEMU command line of one run."""
+    drives, machine = _machine(kernel, initrd, root, disks, shares, script)
+    return imaging.qemu_argv(drives, list(serials), **machine)
 
 
 def _parse_output(text: str) -> tuple[str, int | None, str | None]:
@@ -483,18 +399,6 @@ def _parse_output(text: str) -> tuple[str, int | None, str | None]:
     if m.group(2) is not None:
         return output, int(m.group(2)), None
     return output, None, m.group(3)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End QEMU (our own child): SIGTERM, then SIGKILL after a grace period."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=_KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def run_script(
@@ -525,52 +429,24 @@ def run_script(
         if not Path(directory).is_dir():
             raise ValueError(f"share {tag}: not a directory: {directory}")
     shares = {tag: Path(d).resolve() for tag, d in shares.items()}
-    qemu = shutil.which(QEMU, path=base_env()["PATH"])
-    if qemu is None:
-        raise RigError(f"no {QEMU} on this host (apt-get install qemu-system-x86)")
     kernel, initrd = boot_files()
     root = root_disk()
-
     with tempfile.TemporaryDirectory(prefix="resin-vm-") as tmp_name:
-        tmp = Path(tmp_name)
-        script_file = tmp / "autorun.sh"
+        script_file = Path(tmp_name) / "autorun.sh"
         script_file.write_text(script)
-        console_log, output_log = tmp / "console.log", tmp / "output.log"
-        qemu_log = tmp / "qemu.log"
-        argv = qemu_argv(
-            kernel=kernel, initrd=initrd, root=root, script=script_file, disks=disks,
-            shares=shares, console_log=console_log, output_log=output_log,
-            memory_mib=memory_mib,
-        )
-        argv[0] = qemu
-        env = base_env()
-        env["TMPDIR"] = str(tmp)  # the snapshot=on overlay goes there
-        log.debug("tools VM: %s", " ".join(argv))
-        timed_out = False
-        started = time.monotonic()
-        with open(qemu_log, "wb") as qemu_out:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=qemu_out, stderr=subprocess.STDOUT,
-                env=env,
-            )
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                _stop(proc)
-        seconds = time.monotonic() - started
-        console = _read_log(console_log).replace("\r\n", "\n")
-        output, exit_code, setup_error = _parse_output(_read_log(output_log))
-        result = VmResult(console=console, output=output, exit_code=exit_code, seconds=seconds)
-        if timed_out:
-            log.info("tools VM: timed out after %.0f s", seconds)
-            return result
-        if proc.returncode != 0:
-            raise VmError(
-                f"{QEMU} exited with {proc.returncode}: {_read_log(qemu_log).strip()}", result
-            )
-        if setup_error is not None:
-            raise VmError(f"tools VM setup failed: {setup_error}", result)
-        return result
-
+        drives, machine = _machine(kernel, initrd, root, disks, shares, script_file)
+        try:
+            result = imaging.boot(drives, timeout=timeout, memory_mib=memory_mib, **machine)
+        except imaging.BootError as exc:
+            failed = VmResult(console=exc.result.serial0_text, output=exc.result.serial1_text,
+                              exit_code=None, seconds=exc.result.seconds)
+            raise VmError(str(exc).split("\n", 1)[0], failed) from exc
+    output, exit_code, setup_error = _parse_output(result.serial1_text)
+    vm_result = VmResult(console=result.serial0_text, output=output, exit_code=exit_code,
+                         seconds=result.seconds)
+    if result.reason == "timeout":
+        log.info("tools VM: timed out after %.0f s", result.seconds)
+        return vm_result
+    if setup_error is not None:
+        raise VmError(f"tools VM setup failed: {setup_error}", vm_result)
+    return vm_result
