@@ -156,10 +156,13 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     print(result.summary())
 
 
-@task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), or all "
-                        "(default)",
+@task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), all "
+                        "(default: those five), or matrix (every release row of "
+                        "tests/releases.py, one migration each)",
+            "rows": "with --scenario matrix: the release rows to migrate, comma-separated "
+                    "(default: all)",
             "keep": "keep the work directory (disk images, serial logs) and print its path"})
-def e2e(c, scenario="all", keep=False):
+def e2e(c, scenario="all", keep=False, rows=""):
     """Migrate legacy Debian VMs end to end under QEMU (root; several minutes each).
 
     Prints each phase's duration and the downtime (from the reboot at the end of stage 1 to
@@ -173,9 +176,12 @@ def e2e(c, scenario="all", keep=False):
     from tests.rig.legacy import LegacySpec, SwapPlacement
 
     scenarios = ["primary", "logical", "fallback", "static", "older"]
-    if scenario != "all" and scenario not in scenarios:
-        raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)} "
-                   "or all", code=2)
+    if scenario not in (*scenarios, "all", "matrix"):
+        raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)}, "
+                   "all or matrix", code=2)
+    if scenario == "matrix":
+        _e2e_matrix(keep, [row.strip() for row in rows.split(",") if row.strip()])
+        return
     chosen = scenarios if scenario == "all" else [scenario]
     failed = False
     for name in chosen:
@@ -211,6 +217,54 @@ def e2e(c, scenario="all", keep=False):
                 shutil.rmtree(work, ignore_errors=True)
     if failed:
         raise Exit("e2e: at least one scenario failed", code=1)
+
+
+def _e2e_matrix(keep: bool, names: list[str]) -> None:
+    """Release rows (default: every one) migrated once each (primary swap), then a table of
+    the phase times."""
+    import shutil
+    import tempfile
+
+    from tests.e2e import E2EError, legacy_for, migrate
+    from tests.releases import RELEASES
+
+    unknown = sorted(set(names) - set(RELEASES))
+    if unknown:
+        raise Exit(f"e2e: no release row {', '.join(unknown)}; rows: {', '.join(RELEASES)}",
+                   code=2)
+    rows: dict[str, dict[str, float] | str] = {}
+    for name, release in RELEASES.items():
+        if names and name not in names:
+            continue
+        work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
+        print(f"matrix {name}: migrating with the {name} flasher ...", flush=True)
+        started = time.monotonic()
+        try:
+            result = migrate(legacy_for(release), work, release=release)
+            total = time.monotonic() - started
+            rows[name] = {**result.durations(), "total": total}
+            print(f"matrix {name}: migrated in {total:.0f} s\n{result.summary()}", flush=True)
+        except E2EError as exc:
+            rows[name] = f"FAILED in phase {exc.phase}"
+            print(f"matrix {name}: FAILED\n{exc}", file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - a row's error must not hide the others
+            rows[name] = f"FAILED: {type(exc).__name__}"
+            print(f"matrix {name}: FAILED before the VM ran: {exc}", file=sys.stderr,
+                  flush=True)
+        finally:
+            if keep:
+                print(f"matrix {name}: work directory kept: {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+    columns = ("stage 1", "flasher boot", "stage 2 (checks and write)", "first resinOS boot",
+               "downtime", "total")
+    print("\n| row | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    for name, row in rows.items():
+        cells = ([f"{row.get(column, 0):.0f} s" for column in columns]
+                 if isinstance(row, dict) else [row] + [""] * (len(columns) - 1))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if any(isinstance(row, str) for row in rows.values()):
+        raise Exit("e2e: at least one release row failed", code=1)
 
 
 @task(help={"repeat": "rounds of each timed figure (default 3; the median is reported)",

@@ -235,9 +235,31 @@ def last_phase(times: dict[str, float]) -> str:
     return names[index + 1] if index + 1 < len(names) else "after the report"
 
 
+def legacy_for(release: Release) -> LegacySpec:
+    """A legacy disk whose swap area starts after the release's resinOS image ends (the
+    runtime refuses an image that would overwrite the flash partitions): the default one,
+    or one with a 2.5 GiB root for the large images (2.12's 1 GiB resin-data, the -ext
+    rows' 1000 MiB root partitions)."""
+    reserved, ebr = 4, 4
+    image_mib = (reserved + release.boot_mib + 2 * release.root_mib + ebr + release.state_mib
+                 + ebr + release.data_mib)
+    default = LegacySpec()
+    if image_mib < default.root_mib:
+        return default
+    return LegacySpec(disk_mib=4096, root_mib=2560)
+
+
+def fleet_config(release: Release) -> dict:
+    """The fleet's config.json for the release's device type: tests/data/config.json's, with
+    the row's deviceType (genericx86-64-ext for the -ext rows)."""
+    return {**json.loads(CONFIG.read_text()), "deviceType": release.slug}
+
+
 def build_bundle(workdir: Path, release: Release = FLASHER_RELEASE, quiet: bool = True) -> Path:
     out = workdir / "bundle"
-    build(BuildOptions(image=cached_bootable_flasher(release), out=out, config=CONFIG,
+    config = workdir / "config.json"
+    config.write_text(json.dumps(fleet_config(release), indent=2) + "\n")
+    build(BuildOptions(image=cached_bootable_flasher(release), out=out, config=config,
                        force=True), Progress(quiet=quiet))
     return out
 
@@ -296,13 +318,15 @@ def check_report(report: ResinosReport, result: BootResult, release: Release) ->
     wanted_labels = {"resin-boot", "resin-rootA", "resin-rootB", "resin-state", "resin-data"}
     if not wanted_labels <= set(report.labels):
         problems.append(f"labels {report.labels}, expected {sorted(wanted_labels)}")
-    fleet = json.loads(CONFIG.read_text())
+    fleet = fleet_config(release)
     try:
         config = json.loads(report.first("config_json") or "null")
     except ValueError:
         config = None
     if "installer" not in fleet:
         problems.append(f"{CONFIG} has no installer section: the check proves nothing")
+    if fleet["deviceType"] != release.slug:
+        problems.append(f"the fleet's deviceType {fleet['deviceType']} is not {release.slug}")
     if config != {key: value for key, value in fleet.items() if key != "installer"}:
         problems.append(f"resin-boot's config.json is {config}, expected the fleet's without "
                         "its installer section")

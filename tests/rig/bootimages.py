@@ -553,14 +553,19 @@ terminal_output serial console
 """
 
 
-def resinos_grub_cfg() -> str:
+def resinos_grub_cfg(release: Release) -> str:
     """The stand-in's /grub/grub.cfg (and the rig flasher's grub.cfg_internal): the kernel
-    from resin-rootA, as balenaOS boots it, on a serial console."""
+    where the row keeps it (resin-rootA's /boot from 2.21, resin-boot's /vmlinuz before),
+    as balenaOS boots it, on a serial console."""
+    if release.kernel_in_rootfs:
+        where, kernel, initrd = "resin-rootA", "/boot/bzImage", "/boot/initrd"
+    else:
+        where, kernel, initrd = "resin-boot", "/vmlinuz", "/initrd"
     return (f"{_GRUB_SERIAL}set default=boot\nset timeout=0\n\n"
             "menuentry 'resinOS (resin-migrate test stand-in)' --id boot {\n"
-            "  search --no-floppy --set=root --label resin-rootA\n"
-            "  linux /boot/bzImage root=LABEL=resin-rootA rootwait console=ttyS0,115200\n"
-            "  initrd /boot/initrd\n}\n")
+            f"  search --no-floppy --set=root --label {where}\n"
+            f"  linux {kernel} root=LABEL=resin-rootA rootwait console=ttyS0,115200\n"
+            f"  initrd {initrd}\n}}\n")
 
 
 # --------------------------------------------------------------------------- resinOS
@@ -674,8 +679,8 @@ def _resinos_extras(kit: BootKit, release: Release) -> synthetic.Extras:
         tree.dir("mnt/data")
 
     return synthetic.Extras(grub=kit.grub, kernel=kit.vmlinuz,
-                            initrd=kit.initrd(release.migrator), image_cfg=resinos_grub_cfg(),
-                            rootfs=rootfs)
+                            initrd=kit.initrd(release.migrator),
+                            image_cfg=resinos_grub_cfg(release), rootfs=rootfs)
 
 
 def bootable_resinos_image(path: Path, release: Release = FLASHER_RELEASE) -> None:
@@ -759,8 +764,9 @@ def _flasher_extras(kit: BootKit, release: Release) -> synthetic.Extras:
             tree.dir(d)
 
     return synthetic.Extras(grub=kit.grub, kernel=kit.vmlinuz,
-                            initrd=kit.initrd(release.migrator), image_cfg=resinos_grub_cfg(),
-                            rootfs=rootfs, boot_files={"system-proxy/redsocks.conf": PROXY_CONF})
+                            initrd=kit.initrd(release.migrator),
+                            image_cfg=resinos_grub_cfg(release), rootfs=rootfs,
+                            boot_files={"system-proxy/redsocks.conf": PROXY_CONF})
 
 
 def bootable_flasher_image(path: Path, release: Release = FLASHER_RELEASE,

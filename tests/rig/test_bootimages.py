@@ -205,7 +205,7 @@ def test_resinos_stand_in_has_the_row_shape(row: Release) -> None:
     grub = boot_kit().grub
     assert head[:440] == grub.boot_img[:440] and head[510:512] == b"\x55\xaa"
     assert head[512:1024] == grub.core_img[:512]
-    assert _fat_read(image, 1, "/grub/grub.cfg").decode() == resinos_grub_cfg()
+    assert _fat_read(image, 1, "/grub/grub.cfg").decode() == resinos_grub_cfg(row)
     assert _fat_read(image, 1, f"/{row.image_flag_file}") == b"DO NOT REMOVE THIS FILE\n"
     assert json.loads(_fat_read(image, 1, "/config.json"))["deviceType"] == row.slug
     found = _ext4_exists(image, 2, ["/usr/sbin/init", "/usr/bin/busybox", "/usr/sbin/blkid",
@@ -228,7 +228,7 @@ def test_flasher_has_the_row_shape_units_and_stage2_tools(row: Release, tmp_path
     assert f"linux /boot/bzImage {row.kernel_args()}\ninitrd /boot/initrd\n" in cfg
     assert ("console=null quiet splash" in cfg) == bool(row.os_cmdline)
     assert _fat_read(image, 1, "/system-proxy/redsocks.conf") == PROXY_CONF
-    assert _fat_read(image, 1, "/grub.cfg_internal").decode() == resinos_grub_cfg()
+    assert _fat_read(image, 1, "/grub.cfg_internal").decode() == resinos_grub_cfg(row)
     tree = _rootfs_tree(image, 2, tmp_path / "rootA")
     assert (tree / "opt" / row.inner_name).is_file()
     assert (tree / "flash-boot" / row.flag_file).is_file()  # the migrator's trigger
