@@ -170,9 +170,7 @@ def install(rootfs: Ext4Image, found: FlasherUnits, stage2_unit: Path, epoch: in
             rootfs.remove(mask)
         rootfs.symlink(mask, MASK_TARGET, epoch)
         edits.append(f"masked {unit.name} (it ran {_script_of(unit)})")
-    unit_dir = os.path.dirname(next((u.path for u in found.flashers
-                                     if not u.path.startswith(ETC_UNITS)),
-                                    "/lib/systemd/system/x"))
+    unit_dir = _unit_dir(found)
     path = f"{unit_dir}/{STAGE2_UNIT}"
     rootfs.put_file(stage2_unit, path, 0o644, 0, 0, epoch)
     wants = f"{ETC_UNITS}/{WANTED_BY}.wants"
@@ -186,6 +184,15 @@ def install(rootfs: Ext4Image, found: FlasherUnits, stage2_unit: Path, epoch: in
         rootfs.touch_dir(directory, epoch)
     edits.append(f"installed {path}, enabled in {wants}")
     return edits
+
+
+def _unit_dir(found: FlasherUnits) -> str:
+    """Where the flasher's own unit file lives (Yocto's systemd_unitdir); /lib/systemd/system
+    when its only trace is a mask in /etc."""
+    for unit in found.flashers:
+        if not unit.path.startswith(ETC_UNITS):
+            return os.path.dirname(unit.path)
+    return "/lib/systemd/system"
 
 
 def verify(rootfs: Ext4Image, found: FlasherUnits, stage2_unit: Path) -> None:

@@ -49,6 +49,7 @@ from tests.rig.bootimages import (
     PROXY_CONF,
     ResinosReport,
     cached_bootable_flasher,
+    cached_bootable_resinos,
     parse_report,
 )
 from tests.rig.legacy import APPDATA_DIR, LegacySpec, appdata_files, attached, mounted_root
@@ -240,9 +241,7 @@ def legacy_for(release: Release) -> LegacySpec:
     runtime refuses an image that would overwrite the flash partitions): the default one,
     or one with a 2.5 GiB root for the large images (2.12's 1 GiB resin-data, the -ext
     rows' 1000 MiB root partitions)."""
-    reserved, ebr = 4, 4
-    image_mib = (reserved + release.boot_mib + 2 * release.root_mib + ebr + release.state_mib
-                 + ebr + release.data_mib)
+    image_mib = cached_bootable_resinos(release).stat().st_size >> 20
     default = LegacySpec()
     if image_mib < default.root_mib:
         return default
