@@ -17,6 +17,8 @@ SYSTEM_PACKAGES=(
     # no bootloader is installed on this machine) for the synthetic images' boot code, and
     # systemctl (systemd) to read the flashers' units back
     debootstrap qemu-system-x86 qemu-utils openssl grub-pc-bin systemd
+    # a /boot/grub on btrfs, which stage 1 must refuse (grub-probe says so)
+    btrfs-progs
     # checks
     shellcheck
 )

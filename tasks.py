@@ -157,12 +157,15 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
 
 
 @task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), all "
-                        "(default: those five), or matrix (every release row of "
-                        "tests/releases.py, one migration each)",
+                        "(default: those five), matrix (every release row of "
+                        "tests/releases.py, one migration each) or powercut (power cuts and "
+                        "hangs at every instant of a migration, tests/powercut.py)",
             "rows": "with --scenario matrix: the release rows to migrate, comma-separated "
                     "(default: all)",
+            "instants": "with --scenario powercut: the instants to run, by name, separated "
+                        "by ';' (default: all; --instants list prints them)",
             "keep": "keep the work directory (disk images, serial logs) and print its path"})
-def e2e(c, scenario="all", keep=False, rows=""):
+def e2e(c, scenario="all", keep=False, rows="", instants=""):
     """Migrate legacy Debian VMs end to end under QEMU (root; several minutes each).
 
     Prints each phase's duration and the downtime (from the reboot at the end of stage 1 to
@@ -176,11 +179,14 @@ def e2e(c, scenario="all", keep=False, rows=""):
     from tests.rig.legacy import LegacySpec, SwapPlacement
 
     scenarios = ["primary", "logical", "fallback", "static", "older"]
-    if scenario not in (*scenarios, "all", "matrix"):
+    if scenario not in (*scenarios, "all", "matrix", "powercut"):
         raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)}, "
-                   "all or matrix", code=2)
+                   "all, matrix or powercut", code=2)
     if scenario == "matrix":
         _e2e_matrix(keep, [row.strip() for row in rows.split(",") if row.strip()])
+        return
+    if scenario == "powercut":
+        _e2e_powercut(keep, [name.strip() for name in instants.split(";") if name.strip()])
         return
     chosen = scenarios if scenario == "all" else [scenario]
     failed = False
@@ -265,6 +271,33 @@ def _e2e_matrix(keep: bool, names: list[str]) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
     if any(isinstance(row, str) for row in rows.values()):
         raise Exit("e2e: at least one release row failed", code=1)
+
+
+def _e2e_powercut(keep: bool, names: list[str]) -> None:
+    """Power cuts and hangs at the named instants (default: all), then the table."""
+    import tempfile
+
+    from tests.powercut import run_matrix, table
+
+    if names == ["list"]:
+        from tests.powercut import instants
+        print("\n".join(instants(None)))
+        return
+    work = Path(tempfile.mkdtemp(prefix="resin-migrate-powercut-"))
+    started = time.monotonic()
+    try:
+        rows = run_matrix(names, work, keep=keep)
+    except KeyError as exc:
+        raise Exit(f"e2e: {exc.args[0]}", code=2) from None
+    finally:
+        if keep:
+            print(f"powercut: work directory kept: {work}")
+        else:
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{table(rows)}\n\n{len(rows)} instants in {time.monotonic() - started:.0f} s")
+    if any(isinstance(row, str) for row in rows):
+        raise Exit("e2e: at least one instant did not end in resinOS or the old system", code=1)
 
 
 @task(help={"repeat": "rounds of each timed figure (default 3; the median is reported)",

@@ -24,6 +24,10 @@ HIDING_ARGS = ("console=null", "quiet", "splash")
 #: Where stage 2's progress shows instead: the serial port, and the screen (the last
 #: console= is /dev/console, where systemd writes; stage 2 logs every line to both).
 CONSOLES = ("console=ttyS0,115200n8", "console=tty0")
+#: A kernel panic before stage 2 runs (no root filesystem, an initramfs that gives up)
+#: reboots after this many seconds instead of waiting for a person: GRUB has spent its
+#: one-shot entry by then, so the old system boots. Added unless the entry has a panic=.
+PANIC = "panic=10"
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ def first_kernel_entry(grub_cfg: str, own_label: str, where: str) -> KernelEntry
 def carry_args(args: list[str], where: str) -> tuple[str, list[str], list[str]]:
     """(cmdline, dropped, added): the flasher entry's arguments without its GRUB variables
     (${...}) and without what hides stage 2, repeats removed; when no console is left, the
-    serial port and the screen are added. Any other argument must be a plain word."""
+    serial port and the screen are added, and PANIC where no panic= is. Any other argument
+    must be a plain word."""
     kept: list[str] = []
     dropped: list[str] = []
     for arg in args:
@@ -91,6 +96,8 @@ def carry_args(args: list[str], where: str) -> tuple[str, list[str], list[str]]:
                     f"cannot carry safely (allowed: {CMDLINE_PATTERN.pattern})")
             kept.append(arg)
     added = [] if any(arg.startswith("console=") for arg in kept) else list(CONSOLES)
+    if not any(arg.startswith("panic=") for arg in kept):
+        added.append(PANIC)
     return " ".join(kept + added), dropped, added
 
 

@@ -12,6 +12,7 @@ resin-migrate.pyz, SHA256SUMS -> rename into place.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import re
 import tempfile
 import time
@@ -43,6 +44,7 @@ from .compress import SUFFIX, Compressed, compress_chunks, compress_file
 from .errors import FlasherLayoutError, OptionError, UnsupportedFlasherError, VerifyError
 from .formats import expand, extract_range
 from .fsedit import Entry, Ext4Image, FatImage, sha256_of
+from .kernelprobe import PROBE_NAME, make_probe
 from .layout import ReferenceLayout, check_labels, has_protective_mbr, read_layout
 from .progress import Progress
 from .release import FlasherRelease, recognise
@@ -142,6 +144,7 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
 
         edits += _edit_boot(bootfs, roles, release, fleet, network)
         kernel = _kernel_entry(bootfs, rootfs, roles)
+        kernel_bytes = _kernel_bytes(bootfs, rootfs, kernel)
 
         partitions, streams = [], []
         for role in roles["device_partitions"]:
@@ -161,6 +164,14 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
             partitions.append(DevicePartition(
                 label=label, fs=found.fs, size=size, flags=list(found.flags),
                 grows=role.get("grows", False), stream=stream_name))
+        probe_raw = work / f"{PROBE_NAME}.img"
+        probe_sha256 = make_probe(bootfs if kernel.kernel_label == "flash-boot" else rootfs,
+                                  kernel.kernel, probe_raw, rootfs.epoch)
+        probe_name = PROBE_NAME + SUFFIX[options.stream_compression]
+        streams.append(compress_file(probe_raw, staging.dir / probe_name,
+                                     options.stream_compression, progress,
+                                     f"compressing the probe of {kernel.kernel_label}'s "
+                                     "filesystem").stream())
 
         manifest = Manifest(
             schema=SCHEMA_VERSION,
@@ -171,6 +182,9 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
             streams=streams,
             inner_image=inner_image,
             boot=Boot(kernel_label=kernel.kernel_label, kernel=kernel.kernel,
+                      kernel_size=len(kernel_bytes),
+                      kernel_sha256=hashlib.sha256(kernel_bytes).hexdigest(),
+                      probe=probe_name, probe_sha256=probe_sha256,
                       initrd=kernel.initrd, cmdline=kernel.cmdline,
                       dropped_args=kernel.dropped, added_args=kernel.added),
             flasher=_flasher_record(release, flag_file, edits),
@@ -410,6 +424,15 @@ def _edit_boot(bootfs: FatImage, roles: dict, release: FlasherRelease,
         edits.append(f"{len(network)} keyfiles of --network in {roles['network_dir']}")
     bootfs.check()
     return edits
+
+
+def _kernel_bytes(bootfs: FatImage, rootfs: Ext4Image, entry: KernelEntry) -> bytes:
+    """The flasher's kernel, from the partition GRUB loads it from."""
+    data = bootfs.read(entry.kernel) if entry.kernel_label == "flash-boot" else \
+        rootfs.read(entry.kernel)
+    if data is None:
+        raise FlasherLayoutError(f"{rootfs.name}: {entry.kernel} is not a regular file")
+    return data
 
 
 def _kernel_entry(bootfs: FatImage, rootfs: Ext4Image, roles: dict) -> KernelEntry:

@@ -12,6 +12,7 @@ import json  # noqa: E402
 
 from . import __version__, log  # noqa: E402
 from .errors import MigrateError  # noqa: E402
+from .stage2names import GUARD_TIMEOUT  # noqa: E402
 
 EXIT_CODES = """\
 exit codes:
@@ -171,12 +172,22 @@ def _ask(preflight):
     return input(question).strip() == "yes"
 
 
+def _seconds(text):
+    # type: (str) -> int
+    value = int(text)
+    if value < 60:
+        raise argparse.ArgumentTypeError("at least 60 seconds: reading the image alone takes "
+                                         "that on a slow disk")
+    return value
+
+
 def cmd_stage1(args):
     from .stage1 import Options, run_stage1
     return run_stage1(Options(sysroot=args.sysroot, bundle=args.bundle, disk=args.disk,
                               backup_script=args.backup_script, yes=args.yes,
                               reboot=args.reboot, confirm=_ask, source=_source(args),
-                              network_ok=args.network_ok))
+                              network_ok=args.network_ok,
+                              guard_timeout=args.stage2_timeout))
 
 
 def cmd_rollback(args):
@@ -187,6 +198,7 @@ def cmd_rollback(args):
 
 def cmd_status(args):
     from .status import status
+    lines_of_journal = 20
     found = status(args.sysroot)
     if args.json:
         print(json.dumps(found, indent=2, sort_keys=True))
@@ -205,6 +217,9 @@ def cmd_status(args):
         if found["stage2_log_tail"]:
             print("\nlast lines of stage 2's log on flash-data:")
             print("\n".join(found["stage2_log_tail"]))
+        if found["stage2_journal"]:
+            print("\nstage 2's journal on flash-data:")
+            print("\n".join(found["stage2_journal"][-lines_of_journal:]))
     return 0
 
 
@@ -277,16 +292,28 @@ def build_parser():
     stage1.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     stage1.add_argument("--reboot", action="store_true",
                         help="reboot into the flasher when stage 1 is complete")
-    add("rollback", cmd_rollback, "undo stage1 (before the reboot)",
-        "Restore the partition table, the swap (same UUID and label), /etc/fstab, and remove "
-        "the GRUB entry. Works after an interrupted stage1 too.")
+    stage1.add_argument("--stage2-timeout", type=_seconds, default=GUARD_TIMEOUT,
+                        metavar="SECONDS",
+                        help="stage 2's guard: the flasher must finish its checks (reading "
+                             "the image and the backup) within this many seconds of starting, "
+                             "else it brings this system back; after its point of no return "
+                             "a step without progress for as long reboots the flasher, which "
+                             "resumes (default: %(default)s)")
+    add("rollback", cmd_rollback, "undo stage1 (before the reboot, or after stage 2 gave up "
+        "and brought this system back)",
+        "Restore the partition table, sector 0's boot code, the swap (same UUID and label), "
+        "/etc/fstab, and remove the GRUB entry. Works after an interrupted stage1 too, and "
+        "after a flasher that refused (see status).")
     for sub in (check, plan, stage1):
         sub.add_argument("--network-ok", action="store_true",
                          help="go on (with a warning) when the device's working route cannot "
                               "be carried into resinOS (a bond, VLAN, bridge, 802.1X or "
                               "IPv6-only static setup): it may come up unreachable")
     status = add("status", cmd_status, "where the migration stands, and the last log lines",
-                 "Show the state of stage 1 and the last lines of /var/log/resin-migrate.log.")
+                 "Show the state of stage 1, the last lines of /var/log/resin-migrate.log, and "
+                 "what stage 2 logged and recorded in its journal on flash-data (after a "
+                 "flasher boot that brought this system back: why). From resinOS or a rescue "
+                 "shell: mount flash-data and read resin-migrate-stage2.log.")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
 

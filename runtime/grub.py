@@ -6,6 +6,7 @@ default entry back on the next boot.
 """
 
 import os
+import tempfile
 
 from .errors import MigrateError
 from .run import run
@@ -13,14 +14,15 @@ from .system import in_root
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
-    from typing import Optional  # noqa: F401  # novermin
+    from typing import Any, Optional  # noqa: F401  # novermin
 
-    from .manifest import Boot  # noqa: F401
+    from .manifest import Boot, Stream  # noqa: F401
 
 ENTRY_ID = "resin-migrate-flasher"
 ENTRY_SCRIPT = "/etc/grub.d/42_resin-migrate"
 GRUB_CFG = "/boot/grub/grub.cfg"
 GRUBENV = "/boot/grub/grubenv"
+ONE_SHOT_TIMEOUT = 1    # seconds of menu on the one-shot boot
 
 
 class GrubError(MigrateError):
@@ -35,6 +37,14 @@ def entry_script(boot, fs_uuid):
         "# Written by resin-migrate stage 1: boots the resinOS flasher once (grub-reboot).",
         "# 'resin-migrate.pyz rollback' removes it.",
         "cat <<'END_OF_ENTRY'",
+        # On the one boot that runs the entry: never wait at a menu (Ubuntu's recordfail
+        # makes it wait, older releases forever), and should the entry fail to load, boot
+        # the system's own default instead.
+        'if [ "${{default}}" = "{}" ]; then'.format(ENTRY_ID),
+        '	if [ -n "${saved_entry}" ]; then set fallback="${saved_entry}"; '
+        'else set fallback=0; fi',
+        "	set timeout={}".format(ONE_SHOT_TIMEOUT),
+        "fi",
         "menuentry 'resin-migrate: resinOS flasher' --id {} {{".format(ENTRY_ID),
         "\tinsmod part_msdos",
         "\tinsmod fat",
@@ -80,6 +90,119 @@ class Chroot(object):
         if installed(self.sysroot, "update-grub"):
             return self.run(["update-grub"])
         return self.run(["grub-mkconfig", "-o", GRUB_CFG])
+
+
+def check_kernel_readable(chroot, sysroot, disk, number, boot):
+    # type: (Chroot, str, str, int, Boot) -> None
+    """The device's own GRUB reads the flasher's kernel where its one-shot entry and the
+    flasher's core.img look for it: grub-fstest (GRUB's filesystem drivers, the installed
+    version) copies (loop0,msdosN)KERNEL out of the disk, and it must be the manifest's
+    bytes. An older GRUB that does not know the filesystem's features would stop at boot
+    instead. (`check` has read the bundle's probe of that filesystem already: read_probe.)"""
+    from .errors import CommandError
+    # grub-fstest names its one image loop0 (util/grub-fstest.c, the same from 2.00 on)
+    source = "(loop0,msdos{}){}".format(number, boot.kernel)
+    # the partition was written through its own device node: the whole disk's buffer cache
+    # may still hold what those sectors held before
+    run(["blockdev", "--flushbufs", disk])
+    with _Scratch(sysroot) as scratch:
+        try:
+            found = scratch.fstest_copy(chroot, disk, source)
+        except CommandError as exc:
+            raise GrubError("this device's GRUB cannot read the flasher's kernel {} on {} "
+                            "({}): it could not boot it; a GRUB this old does not read that "
+                            "filesystem. Nothing of GRUB was changed; run rollback".format(
+                                boot.kernel, boot.kernel_label, exc)) from exc
+    if found != (boot.kernel_size, boot.kernel_sha256):
+        raise GrubError("this device's GRUB reads {} on {} as {} bytes with sha256 {}, the "
+                        "manifest says {} bytes, {}; run rollback".format(
+                            boot.kernel, boot.kernel_label, found[0], found[1],
+                            boot.kernel_size, boot.kernel_sha256))
+
+
+def read_probe(chroot, sysroot, bundle, stream, boot):
+    # type: (Chroot, str, Any, Stream, Boot) -> str
+    """The bundle's probe of the kernel's filesystem (builder/kernelprobe.py: made like
+    flash-rootA's or flash-boot's, a file at the kernel's path), decompressed into RAM and
+    read with the device's grub-fstest: what the probe's file reads as, as a sentence.
+    Raises GrubError when GRUB cannot read it (or reads other bytes); nothing on the disk
+    is touched."""
+    from .errors import CommandError
+    from .stream import write_stream
+    with _Scratch(sysroot) as scratch:
+        image = scratch.path("probe.img")
+        reader = bundle.open_stream(stream)
+        try:
+            write_stream(bundle.stream_location(stream.file), stream.compression, image,
+                         stream.raw_size, stream.raw_sha256, sha256=stream.sha256,
+                         size=stream.size, reader=reader)
+        finally:
+            if reader is not None:
+                reader.close()
+        try:
+            found = scratch.fstest_copy(chroot, scratch.inside(image), "(loop0)" + boot.kernel)
+        except CommandError as exc:
+            raise GrubError(
+                "this device's GRUB cannot read a filesystem made like {} of the flasher, "
+                "where its kernel is ({}): it could not boot the flasher. Nothing was "
+                "changed. Upgrade GRUB (grub-pc) to a release that reads it, or build the "
+                "bundle from a flasher whose {} this GRUB reads".format(
+                    boot.kernel_label, _last_line(exc), boot.kernel_label)) from exc
+    if found[1] != boot.probe_sha256:
+        raise GrubError("this device's GRUB reads the probe of {}'s filesystem as {} bytes "
+                        "with sha256 {}, the builder wrote {}: its filesystem driver is "
+                        "broken for it. Nothing was changed".format(
+                            boot.kernel_label, found[0], found[1], boot.probe_sha256))
+    return "GRUB reads {}'s filesystem ({} bytes at {} in the bundle's probe)".format(
+        boot.kernel_label, found[0], boot.kernel)
+
+
+def _last_line(exc):
+    # type: (Exception) -> str
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else str(exc)
+
+
+class _Scratch(object):
+    """A private directory for grub-fstest's inputs and outputs, in RAM where the system
+    has /dev/shm (inside the chroot, the bound /dev's), else in its /tmp."""
+
+    def __init__(self, sysroot):
+        # type: (str) -> None
+        self.sysroot = sysroot
+        self.directory = ""
+
+    def __enter__(self):
+        # type: () -> _Scratch
+        shm = in_root(self.sysroot, "dev/shm")
+        self.directory = tempfile.mkdtemp(
+            prefix="resin-migrate-fstest-",
+            dir=shm if os.path.isdir(shm) else in_root(self.sysroot, "tmp"))
+        return self
+
+    def __exit__(self, *exc_info):
+        import shutil
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def path(self, name):
+        # type: (str) -> str
+        return os.path.join(self.directory, name)
+
+    def inside(self, path):
+        # type: (str) -> str
+        """path as the chrooted commands see it."""
+        return "/" + os.path.relpath(path, in_root(self.sysroot, "")).strip("/")
+
+    def fstest_copy(self, chroot, image, source):
+        # type: (Chroot, str, str) -> tuple
+        """grub-fstest IMAGE cp SOURCE: (size, sha256) of what GRUB read."""
+        from .bundle import sha256_file
+        copy = self.path("copy")
+        chroot.run(["grub-fstest", image, "cp", source, self.inside(copy)])
+        try:
+            return sha256_file(copy)
+        finally:
+            os.unlink(copy)
 
 
 def installed(sysroot, tool):

@@ -16,7 +16,7 @@ MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Any  # noqa: F401  # novermin
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The resinOS image is packed as the bytes of its block map only (what its filesystems
 # use, plus everything outside them), in extents aligned to EXTENT_ALIGN; its first
 # HEAD_BYTES (MBR, GRUB's core.img, the table) are always in the first extent, which
@@ -256,6 +256,14 @@ class Boot(Record):
     FIELDS = (
         ("kernel_label", _text(LABEL_PATTERN)),  # the partition holding the kernel
         ("kernel", _text(PATH_PATTERN)),
+        # the kernel's bytes: stage 1 proves the device's own GRUB reads them (grub-fstest)
+        ("kernel_size", _count),
+        ("kernel_sha256", _text(SHA256_PATTERN)),
+        # a stream: a small filesystem made like the kernel's, with a file at the kernel's
+        # path whose sha256 is probe_sha256; `check` reads it with the device's GRUB
+        # (grub-fstest) before anything changes (builder/kernelprobe.py)
+        ("probe", _text(FILE_PATTERN)),
+        ("probe_sha256", _text(SHA256_PATTERN)),
         ("initrd", _optional(_text(PATH_PATTERN))),
         ("cmdline", _text(CMDLINE_PATTERN)),
         ("dropped_args", _list_of(_text(DROPPED_ARG_PATTERN))),
@@ -333,6 +341,9 @@ class Manifest(Record):
                                     "the partition ({} bytes)".format(
                                         where, part.label, streams[part.stream].raw_size,
                                         part.size))
+        if self.boot.probe not in streams:
+            raise ManifestError("{}.boot.probe: {} is not in streams".format(
+                where, self.boot.probe))
         if [part.grows for part in self.partitions].count(True) != 1:
             raise ManifestError("{}.partitions: exactly one partition must grow".format(where))
         self.inner_image.check_extents(where + ".inner_image")

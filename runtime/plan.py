@@ -1,5 +1,6 @@
 """Where the flasher's partitions go: the swap area, rebuilt as flash-boot, flash-rootA and
-flash-data, as primary or logical partitions depending on where the swap was.
+flash-data, as primary or logical partitions depending on where the swap was, after one
+unpartitioned MiB that holds the flasher's own GRUB core.img (runtime/bootcore.py).
 
 Pure computation on a Table and the manifest: nothing here touches a disk.
 """
@@ -15,6 +16,7 @@ if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from .manifest import Manifest  # noqa: F401
 
 ALIGN = 2048            # 1 MiB in sectors, as installers align
+CORE_SECTORS = ALIGN    # the flasher's core.img, before the first flash partition
 MIB = 1 << 20
 TYPES = {"vfat": FAT16_LBA_TYPE, "ext4": LINUX_TYPE}
 
@@ -62,15 +64,17 @@ class FlashPartition(object):
 class Layout(object):
     """The flash partitions' placement in the swap area, and the table that results."""
 
-    def __init__(self, table, swap, flash, new_extended, protected_start):
-        # type: (Table, TablePartition, List[FlashPartition], Optional[TablePartition], int) -> None
+    def __init__(self, table, swap, flash, new_extended, protected_start, core_start):
+        # type: (Table, TablePartition, List[FlashPartition], Optional[TablePartition], int, int) -> None  # noqa: E501
         self.table = table
         self.swap = swap
         self.flash = flash
         self.new_extended = new_extended
-        # The first sector the resinOS image must not reach: the flash partitions and the
-        # extended boot records that describe them.
+        # The first sector the resinOS image must not reach: the flash partitions, the
+        # extended boot records that describe them, and the flasher's core.img.
         self.protected_start = protected_start
+        # CORE_SECTORS sectors from here, in no partition: the flasher's core.img
+        self.core_start = core_start
 
     def new_table(self):
         # type: () -> Table
@@ -150,8 +154,9 @@ def place(table, swap, manifest, reserve_bytes=0):
                 "disk holds only one. Free a primary slot first.".format(
                     swap.node, len(wanted), table.extended.node))
 
+    core_start = first
     flash = []
-    start = first
+    start = first + CORE_SECTORS
     for index, part in enumerate(wanted):
         if index and logical:
             start = align_up(start + 1)      # room for the extended boot record
@@ -166,11 +171,11 @@ def place(table, swap, manifest, reserve_bytes=0):
     data = growing[0] if growing else None
     if flash[-1].end > area_end or (data is not None and data.size < needed_data):
         needed = sum(sectors_for(p.size) for p in wanted) + sectors_for(reserve_bytes) + \
-            (len(wanted) + 1) * ALIGN
+            (len(wanted) + 1) * ALIGN + CORE_SECTORS
         raise PlanError(
             "the swap partition {} holds {} MiB; the flasher's partitions need {} MiB "
             "(flash-boot, flash-rootA, flash-data with {} MiB for the backup). Use a device "
             "with a larger swap partition, or a smaller backup.".format(
                 swap.node, (swap.size * SECTOR) // MIB, (needed * SECTOR) // MIB,
                 reserve_bytes // MIB))
-    return Layout(table, swap, flash, new_extended, protected)
+    return Layout(table, swap, flash, new_extended, protected, core_start)

@@ -6,8 +6,8 @@ them; `plan` and `stage1` refuse to go on unless all pass.
 
 import os
 
+from . import bootcore, grub, system
 from . import disk as disk_module
-from . import grub, system
 from .errors import MigrateError
 from .manifest import Manifest  # noqa: F401  (type comments)
 from .plan import MIB, PlanError, place
@@ -36,7 +36,14 @@ TOOLS = (
     ("sync", "coreutils"),
 )
 GRUB_TOOLS = (("grub-reboot", "grub2-common (grub-common on older releases)"),
-              ("grub-editenv", "grub2-common (grub-common on older releases)"))
+              ("grub-editenv", "grub2-common (grub-common on older releases)"),
+              # the flasher's own core.img (runtime/bootcore.py), the kernel read check
+              ("grub-mkimage", "grub-common"),
+              ("grub-fstest", "grub-common"),
+              ("grub-probe", "grub-common"))
+#: grub-probe --target=abstraction names for what GRUB reads but cannot write grubenv on
+UNWRITABLE_ABSTRACTIONS = ("lvm", "diskfilter", "mdraid", "raid", "cryptodisk", "luks",
+                           "geli")
 SWAPOFF_MARGIN = 64 * MIB
 # Free space kept in resin-data beyond the backup (directory blocks, journal slack).
 BACKUP_MARGIN = 4 * MIB
@@ -71,6 +78,7 @@ class Target(object):
         self.sysroot = sysroot
         self.bundle = bundle        # a directory, or a source.LocalBundle/RemoteBundle
         self.manifest = None        # type: Optional[Manifest]
+        self.source = None          # type: Optional[Any]  # where the streams are read
         self.disk = None            # type: Optional[str]
         self.table = None           # type: Optional[disk_module.Table]
         self.swap = None            # type: Optional[disk_module.TablePartition]
@@ -86,9 +94,12 @@ class Preflight(object):
     """Runs the checks in order, each able to use what earlier ones found."""
 
     def __init__(self, sysroot="/", bundle=".", disk=None, reserve_bytes=0, skip_streams=False,
-                 network_ok=False):
-        # type: (str, Any, Optional[str], int, bool, bool) -> None
+                 network_ok=False, boot_disks=None):
+        # type: (str, Any, Optional[str], int, bool, bool, Optional[List[str]]) -> None
         self.target = Target(sysroot, bundle)
+        # the disks a BIOS could boot instead of the root disk: all of them on the running
+        # system, none given for a --sysroot (another system's disks are not known)
+        self.boot_disks = boot_disks
         self.network_ok = network_ok
         self.disk_override = disk
         self.reserve_bytes = reserve_bytes
@@ -114,11 +125,12 @@ class Preflight(object):
         # type: () -> Preflight
         for step in (self.check_root, self.check_os, self.check_boot_mode, self.check_bundle,
                      self.check_disk, self.check_swap, self.check_memory, self.check_tools,
-                     self.check_grub, self.check_foreign_flashers, self.check_layout,
-                     self.check_network):
+                     self.check_grub, self.check_grub_probe, self.check_flasher_kernel,
+                     self.check_boot_disks,
+                     self.check_foreign_flashers, self.check_layout, self.check_network):
             try:
                 step()
-            except MigrateError as exc:
+            except (MigrateError, EnvironmentError) as exc:
                 self.add(step.__name__[len("check_"):], False, str(exc))
         return self
 
@@ -147,6 +159,7 @@ class Preflight(object):
         source = bundle_source(self.target.bundle)
         manifest = source.manifest()
         self.target.manifest = manifest
+        self.target.source = source
         if self.skip_streams:
             self.add("bundle", True, "manifest {} valid (streams not checked)".format(
                 manifest.source.name))
@@ -181,14 +194,6 @@ class Preflight(object):
         if table.sector_size != 512:
             self.add("sector size", False, "{} bytes".format(table.sector_size), "512 bytes",
                      "disks with 4 KiB logical sectors are not supported")
-        with open(root_disk, "rb") as handle:
-            boot_code = handle.read(440)
-        # GRUB's boot.img carries the string "GRUB"; without it the BIOS may be starting
-        # GRUB from another disk, which would lose /boot/grub when resinOS is written here.
-        self.add("boot code", None, "GRUB in the MBR of {}".format(root_disk)
-                 if b"GRUB" in boot_code else
-                 "no GRUB boot code in the MBR of {}: make sure the BIOS boots this disk's "
-                 "GRUB".format(root_disk))
 
     def check_swap(self):
         target = self.target
@@ -289,6 +294,9 @@ class Preflight(object):
         for tool, _ in GRUB_TOOLS:
             if not grub.installed(root, tool):
                 problems.append("no " + tool)
+        for name in ("boot.img", "biosdisk.mod", "search_fs_uuid.mod"):
+            if not os.path.isfile(system.in_root(root, bootcore.GRUB_DIR + "/" + name)):
+                problems.append("no /{}/{} (grub-pc-bin)".format(bootcore.GRUB_DIR, name))
         version = system.package_version(root, "grub-common")
         if version and not version.split(":")[-1].startswith(("2", "3")):
             problems.append("GRUB {} is older than 2.00 (no menuentry --id, no one-shot "
@@ -310,6 +318,81 @@ class Preflight(object):
                  "writable grubenv".format(mkconfig[0] if mkconfig else "?"),
                  "GRUB2 with /etc/grub.d, update-grub, grub-reboot and a writable grubenv",
                  "install grub-pc (legacy BIOS GRUB2)" if problems else "")
+
+    def check_grub_probe(self):
+        """What GRUB itself says holds /boot/grub: it writes grubenv (the one-shot entry's
+        reset) only on a plain filesystem on a plain partition."""
+        if not grub.installed(self.target.sysroot, "grub-probe"):
+            return      # named by check_grub
+        problems = self._grub_probe()
+        self.add("GRUB's /boot/grub", not problems, "; ".join(problems) or
+                 "grub-probe: a plain filesystem on a plain partition",
+                 "/boot/grub where GRUB can write grubenv (not LVM, RAID, btrfs or ZFS)",
+                 "move /boot to a plain ext2/3/4 partition, or migrate this device another "
+                 "way" if problems else "")
+
+    def check_flasher_kernel(self):
+        """The device's GRUB reads a filesystem made like the one holding the flasher's
+        kernel (the bundle's probe), before anything changes: stage 1 can read the real
+        kernel only once it has written its partition."""
+        target = self.target
+        if target.manifest is None or not grub.installed(target.sysroot, "grub-fstest"):
+            return      # the bundle's or GRUB's check names what is missing
+        boot = target.manifest.boot
+        try:
+            with grub.Chroot(target.sysroot) as chroot:
+                found = grub.read_probe(chroot, target.sysroot, target.source,
+                                        target.manifest.stream(boot.probe), boot)
+        except grub.GrubError as exc:
+            self.add("flasher kernel", False, str(exc), "a GRUB that reads {}'s "
+                     "filesystem".format(boot.kernel_label))
+            return
+        self.add("flasher kernel", True, found)
+
+    def _grub_probe(self):
+        # type: () -> List[str]
+        from .errors import CommandError, ToolMissingError
+        try:
+            with grub.Chroot(self.target.sysroot) as chroot:
+                fs = chroot.run(["grub-probe", "--target=fs", "/boot/grub"]).stdout.strip()
+                abstraction = chroot.run(["grub-probe", "--target=abstraction",
+                                          "/boot/grub"]).stdout.split()
+        except (CommandError, ToolMissingError) as exc:
+            return ["grub-probe cannot tell what holds /boot/grub ({}); update-grub would "
+                    "fail the same way".format(exc)]
+        unwritable = [name for name in abstraction if name in UNWRITABLE_ABSTRACTIONS]
+        if fs in ("btrfs", "zfs") or unwritable:
+            return ["grub-probe says /boot/grub is on {}{}: GRUB cannot write grubenv there, "
+                    "so the one-shot entry would never clear".format(
+                        fs, " over " + ", ".join(unwritable) if unwritable else "")]
+        return []
+
+    def check_boot_disks(self):
+        """Stage 2 makes the root disk's sector 0 boot the flasher: the BIOS must be
+        starting this disk's GRUB, and no other disk's boot code."""
+        disk = self.target.disk
+        if disk is None:
+            return
+        why = bootcore.grub_in_mbr(disk)
+        self.add("boot code", why is None, why or "GRUB's boot.img in the MBR of {}, its "
+                 "core.img on that disk".format(disk),
+                 "the GRUB that boots this system installed in the MBR of {}".format(disk),
+                 "run grub-install {} (and check the BIOS boots that disk), then run "
+                 "again".format(disk) if why else "")
+        if self.boot_disks is None and self.target.sysroot != "/":
+            self.add("other boot disks", None, "not checked: --sysroot names another "
+                     "system, whose other disks are not known here")
+            return
+        candidates = self.boot_disks if self.boot_disks is not None else \
+            bootcore.whole_disks()
+        others = bootcore.disks_with_boot_code(
+            [path for path in candidates if os.path.realpath(path) != disk])
+        self.add("other boot disks", not others, "boot code on {} as well as on {}".format(
+            ", ".join(others), disk) if others else "none besides {}".format(disk),
+            "boot code only on {}".format(disk),
+            "unplug {0} or clear its boot code (its first 440 bytes): the BIOS could start it "
+            "instead of {1}, whose GRUB stage 2 relies on".format(", ".join(others), disk)
+            if others else "")
 
     def check_foreign_flashers(self):
         """A flasher stick left plugged in would carry the same labels (and FAT UUID)."""

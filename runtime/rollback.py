@@ -6,12 +6,12 @@ for the steps that were started, and each can be repeated.
 
 import os
 
+from . import bootcore, grub, log, system
 from . import disk as disk_module
-from . import grub, log, system
 from .errors import MigrateError
 from .files import write_atomic
 from .run import run
-from .stage1 import same_disk, unmount_stale
+from .stage1 import SECTOR0_COPY, same_disk, unmount_stale
 from .state import State
 
 
@@ -40,6 +40,8 @@ def rollback(sysroot="/"):
                                 "recorded before stage 1; see the log".format(disk))
         disk_module.tell_kernel(disk, disk_module.read_table(disk))
         log.log.info("rollback: partition table of %s restored", disk)
+    if disk and os.path.exists(state.file(SECTOR0_COPY)):
+        _restore_boot_code(disk, state.file(SECTOR0_COPY))
     if state.started("partition") or state.started("swapoff"):
         _restore_swap(swap)
     if state.started("fstab"):
@@ -71,3 +73,16 @@ def _restore_swap(swap):
         argv += ["-U", swap["uuid"]]
     run(argv + [node])
     log.log.info("rollback: swap signature recreated on %s (UUID %s)", node, swap.get("uuid"))
+
+
+def _restore_boot_code(disk, copy):
+    # type: (str, str) -> None
+    """Sector 0's boot code as stage 1 found it (stage 2 puts it back itself when it gives
+    up before writing; this covers a flasher that could not), the table left as restored."""
+    with open(copy, "rb") as handle:
+        original = handle.read()
+    current = bootcore.read_sectors(disk, 0, 1)
+    if current[:bootcore.DISK_ID] == original[:bootcore.DISK_ID]:
+        return
+    bootcore.write_sectors(disk, 0, original[:bootcore.DISK_ID] + current[bootcore.DISK_ID:])
+    log.log.info("rollback: the boot code in sector 0 of %s restored", disk)

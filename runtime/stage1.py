@@ -5,6 +5,7 @@ after an interruption skips what is done and repeats the step that was under way
 step can be repeated). `rollback` undoes whatever the state file says was started.
 """
 
+import hashlib
 import os
 import shutil
 import signal
@@ -13,8 +14,9 @@ import threading
 import time
 
 from . import backup as backup_module
+from . import bootcore, grub, log, system
 from . import disk as disk_module
-from . import grub, log, system
+from . import plan as plan_module
 from .bundle import sha256_file
 from .errors import MigrateError
 from .files import write_atomic
@@ -23,7 +25,8 @@ from .plan import FlashPartition, Layout, PlanError, place
 from .preflight import Preflight, RefusedError, backup_room
 from .run import run
 from .source import LocalBundle, recorded_source
-from .stage2env import ENV_NAME, render, stage2_values
+from .stage2env import render, stage2_values
+from .stage2names import ARMED_MBR_NAME, ENV_NAME, GUARD_TIMEOUT, STAGE1_LOG_NAME
 from .state import State
 from .stream import verify_device, write_stream
 
@@ -34,9 +37,10 @@ if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from .manifest import Manifest  # noqa: F401
 
 STEPS = ("backup", "save", "swapoff", "fstab", "partition", "write:flash-boot",
-         "write:flash-rootA", "flash-data", "network", "grub", "complete")
+         "write:flash-rootA", "boot-core", "flash-data", "network", "grub", "complete")
 FSTAB_MARK = "# disabled by resin-migrate: "
-STAGE1_LOG_ON_DATA = "resin-migrate-stage1.log"
+SECTOR0_COPY = "sector0.orig"    # in the state directory: sector 0 before stage 1
+ARMED_MBR_COPY = "sector0.armed"  # the sector 0 stage 2 writes, also on flash-data
 
 
 class Stage1Error(MigrateError):
@@ -47,8 +51,9 @@ class Stage1Error(MigrateError):
 
 class Options(object):
     def __init__(self, sysroot="/", bundle=".", disk=None, backup_script=None, yes=False,
-                 reboot=False, confirm=None, source=None, network_ok=False):
-        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable], Optional[Any], bool) -> None  # noqa: E501
+                 reboot=False, confirm=None, source=None, network_ok=False,
+                 guard_timeout=GUARD_TIMEOUT):
+        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable], Optional[Any], bool, int) -> None  # noqa: E501
         self.sysroot = sysroot
         self.bundle = bundle
         # where the streams come from: the directory `bundle`, or a URL (RemoteBundle)
@@ -59,6 +64,7 @@ class Options(object):
         self.reboot = reboot
         self.confirm = confirm
         self.network_ok = network_ok    # go on when the network cannot be carried
+        self.guard_timeout = guard_timeout
 
 
 def run_stage1(options):
@@ -248,7 +254,7 @@ class Runner(object):
                        backup_sha256=sha256_file(archive)[1] if archive else None,
                        layout=[flash.to_dict() for flash in layout.flash],
                        new_extended=_partition_dict(layout.new_extended),
-                       protected_start=layout.protected_start)
+                       protected_start=layout.protected_start, core_start=layout.core_start)
 
     def step_save(self):
         target = self.preflight.target
@@ -258,6 +264,9 @@ class Runner(object):
         fstab_copy = self.state.file("fstab.orig")
         if not os.path.exists(fstab_copy):
             shutil.copy2(system.in_root(self.sysroot, "etc/fstab"), fstab_copy)
+        sector0 = self.state.file(SECTOR0_COPY)   # rollback puts its boot code back
+        if not os.path.exists(sector0):
+            write_atomic(sector0, bootcore.read_sectors(disk, 0, 1))
         self.state.set(
             disk=disk, disk_sectors=table.sectors, original_dump=disk_module.dump(disk),
             identity=disk_module.identity(disk),
@@ -359,6 +368,36 @@ class Runner(object):
                       progress=_Progress("verifying " + label))
         log.log.info("%s written and read back: sha256 %s", label, stream.raw_sha256)
 
+    def step_boot_core(self):
+        """The flasher's own core.img into the MiB before the flash partitions, and the
+        sector 0 that boots it (stage 2 writes that one), both made by the device's GRUB;
+        the device's GRUB must read the flasher's kernel where the core.img looks for it."""
+        boot = self.manifest.boot
+        disk = self.state.get("disk")
+        number = self.flash(boot.kernel_label).number
+        device = system.partition_path(disk, number)
+        fs_uuid = disk_module.probe(device).get("UUID")
+        if not fs_uuid:
+            raise Stage1Error("{} ({}) has no filesystem UUID".format(device, boot.kernel_label))
+        start = self.state.get("core_start")
+        with grub.Chroot(self.sysroot) as chroot:
+            grub.check_kernel_readable(chroot, self.sysroot, disk, number, boot)
+            core = bootcore.place_core(bootcore.make_core(chroot, self.sysroot, boot, fs_uuid),
+                                       start)
+        if len(core) > plan_module.CORE_SECTORS * bootcore.SECTOR:
+            raise Stage1Error("the flasher's core.img is {} KiB: more than the {} KiB kept "
+                              "for it".format(len(core) >> 10, plan_module.CORE_SECTORS >> 1))
+        with open(system.in_root(self.sysroot, bootcore.GRUB_DIR + "/boot.img"), "rb") as handle:
+            boot_img = handle.read()
+        armed = bootcore.armed_mbr(boot_img, bootcore.read_sectors(disk, 0, 1), start)
+        bootcore.write_sectors(disk, start, core)
+        write_atomic(self.state.file(ARMED_MBR_COPY), armed)
+        self.state.set(core_sectors=len(core) // bootcore.SECTOR,
+                       core_sha256=sha256_bytes(core), armed_mbr_sha256=sha256_bytes(armed))
+        log.log.info("the flasher's core.img (%d KiB, finds %s by UUID %s) written at sector "
+                     "%d; stage 2 makes sector 0 boot it before its first write",
+                     len(core) >> 10, boot.kernel_label, fs_uuid, start)
+
     def step_flash_data(self):
         flash = self.flash("flash-data")
         device = system.partition_path(self.state.get("disk"), flash.number)
@@ -366,12 +405,15 @@ class Runner(object):
         run(["mkfs.ext4", "-F", "-q", "-L", "flash-data", device])
         layout = self.layout()
         values = stage2_values(self.manifest, layout, self.state.get("disk_sectors"),
-                               self.state.get("backup_size"), self.state.get("backup_sha256"))
+                               self.state.get("backup_size"), self.state.get("backup_sha256"),
+                               self.state.data, self.options.guard_timeout)
         with Mounted(device) as mountpoint:
             # the bytes the checks validated (from a URL: as fetched then)
             with open(os.path.join(mountpoint, MANIFEST_NAME), "wb") as handle:
                 handle.write(self.options.source.manifest_bytes())
             write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
+            shutil.copyfile(self.state.file(ARMED_MBR_COPY),
+                            os.path.join(mountpoint, ARMED_MBR_NAME))
             archive = self.state.get("backup")
             if archive:
                 copy = os.path.join(mountpoint, backup_module.BACKUP_NAME)
@@ -432,7 +474,8 @@ class Runner(object):
         flash = [FlashPartition(**entry) for entry in self.state.get("layout")]
         extended = self.state.get("new_extended")
         new_extended = disk_module.TablePartition(**extended) if extended else None
-        return Layout(table, original, flash, new_extended, self.state.get("protected_start"))
+        return Layout(table, original, flash, new_extended, self.state.get("protected_start"),
+                      self.state.get("core_start"))
 
     def flash(self, label):
         # type: (str) -> FlashPartition
@@ -445,7 +488,12 @@ class Runner(object):
         # type: (str) -> None
         path = log.file_path()
         if path:
-            shutil.copyfile(path, os.path.join(mountpoint, STAGE1_LOG_ON_DATA))
+            shutil.copyfile(path, os.path.join(mountpoint, STAGE1_LOG_NAME))
+
+
+def sha256_bytes(data):
+    # type: (bytes) -> str
+    return hashlib.sha256(data).hexdigest()
 
 
 def _peak_memory():

@@ -12,7 +12,7 @@ MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import List, Tuple  # noqa: F401  # novermin
 
-ENV_NAME = "stage2.env"
+FORMAT = 3
 PATTERNS = {
     "count": re.compile(r"^[0-9]{1,20}$"),
     "sha256": re.compile(r"^[0-9a-f]{64}$"),
@@ -41,14 +41,17 @@ def render(values):
     return "\n".join(lines) + "\n"
 
 
-def stage2_values(manifest, layout, disk_sectors, backup_size, backup_sha256):
-    """The inputs stage 2 reads, from the manifest and the placement of the flash partitions."""
+def stage2_values(manifest, layout, disk_sectors, backup_size, backup_sha256, core,
+                  guard_timeout):
+    """The inputs stage 2 reads, from the manifest, the placement of the flash partitions and
+    what stage 1 wrote for the flasher's own boot (core: a dict with core_start,
+    core_sectors, core_sha256 and armed_mbr_sha256, as the state file holds them)."""
     inner = manifest.inner_image
     image_layout = inner.layout
     boot = image_layout.by_label("resin-boot")
     data = image_layout.by_label("resin-data")
     values = [
-        ("RM_FORMAT", "count", 2),
+        ("RM_FORMAT", "count", FORMAT),
         ("RM_IMAGE_PATH", "path", inner.path),
         ("RM_IMAGE_COMPRESSION", "word", inner.compression),
         ("RM_IMAGE_SIZE", "count", inner.size),
@@ -69,6 +72,11 @@ def stage2_values(manifest, layout, disk_sectors, backup_size, backup_sha256):
         ("RM_FLASH_START", "count", layout.protected_start),
         ("RM_DISK_SECTORS", "count", disk_sectors),
         ("RM_BACKUP_SIZE", "count", backup_size),
+        ("RM_CORE_START", "count", core["core_start"]),
+        ("RM_CORE_SECTORS", "count", core["core_sectors"]),
+        ("RM_CORE_SHA256", "sha256", core["core_sha256"]),
+        ("RM_ARMED_MBR_SHA256", "sha256", core["armed_mbr_sha256"]),
+        ("RM_GUARD_TIMEOUT", "count", guard_timeout),
     ]
     if backup_sha256:
         values.append(("RM_BACKUP_SHA256", "sha256", backup_sha256))

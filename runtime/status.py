@@ -4,6 +4,7 @@ import glob
 import os
 
 from . import log, system
+from .stage2names import JOURNAL_NAME, LOG_NAME
 from .state import STATE_DIR, STATE_FILE, State
 
 
@@ -26,35 +27,97 @@ def status(sysroot="/", lines=15):
         phase = "no migration under way" + (
             " (last: {})".format(os.path.basename(kept[-1])) if kept else "")
     found = {"phase": phase, "state": state.data if state.exists else None,
-             "log": log_path, "log_tail": tail, "stage2_log_tail": [],
+             "log": log_path, "log_tail": tail, "stage2_log_tail": [], "stage2_journal": [],
              # a stream being written (from --bundle-url: downloaded) right now, or None
              "progress": state.get("progress") if state.exists else None}
     if state.exists and state.done("flash-data"):
-        found["stage2_log_tail"] = _stage2_log(state, lines)
+        found["stage2_log_tail"], found["stage2_journal"] = _stage2_files(
+            _flash_data_device(state), lines)
+        stopped = stage2_outcome(list(found["stage2_journal"] or []))
+        if stopped:
+            found["phase"] = stopped
+        elif "complete" in state.get("done") and not _armed(sysroot):
+            found["phase"] = (
+                "stage 1 complete, but GRUB's one-shot entry was spent and stage 2 never "
+                "started: the flasher did not boot (power lost, or its kernel failed; a "
+                "panic reboots after panic=10). Run 'rollback', then stage1 to try again")
+    elif not state.exists:
+        # from resinOS or a rescue system: stage 2's files, wherever flash-data is
+        from .disk import devices_with_label
+        devices = devices_with_label("flash-data")
+        if devices:
+            found["stage2_log_tail"], found["stage2_journal"] = _stage2_files(
+                devices[0], lines)
+            if found["stage2_journal"]:
+                found["phase"] = "{}; stage 2's files are on {} (flash-data)".format(
+                    phase, devices[0])
     return found
 
 
-def _stage2_log(state, lines):
-    # type: (State, int) -> list
-    """The last lines stage 2 wrote on flash-data: after a fallback boot, why it refused."""
+def _armed(sysroot):
+    # type: (str) -> bool
+    from . import grub
     from .errors import MigrateError
-    from .stage1 import Mounted
-    # the disk holding / now: device names may have moved since stage 1 recorded them
+    try:
+        with grub.Chroot(sysroot) as chroot:
+            return grub.next_entry(chroot) == grub.ENTRY_ID
+    except MigrateError:
+        return True     # unknown: say nothing more than the state file does
+
+
+def _flash_data_device(state):
+    # type: (State) -> str
+    """flash-data's partition on the disk holding / now: device names may have moved since
+    stage 1 recorded them."""
     mount = system.mount_of(state.sysroot)
     holder = system.device_by_number(mount.major, mount.minor)
     disk = holder.disk.path if holder is not None else state.get("disk")
-    for entry in state.get("layout") or []:
-        if entry["label"] != "flash-data":
-            continue
-        device = system.partition_path(disk, entry["number"])
-        if not os.path.exists(device):
-            return []
-        try:
-            with Mounted(device, "ro") as mountpoint:
-                path = os.path.join(mountpoint, "resin-migrate-stage2.log")
-                if os.path.exists(path):
-                    with open(path) as handle:
-                        return handle.read().splitlines()[-lines:]
-        except (MigrateError, EnvironmentError):
-            return ["(flash-data could not be read)"]
-    return []
+    number = next((entry["number"] for entry in state.get("layout") or []
+                   if entry["label"] == "flash-data"), None)
+    return system.partition_path(disk, number) if number else ""
+
+
+def stage2_outcome(journal):
+    # type: (list) -> str
+    """What the journal says of stage 2's boots, seen from the old system: it ran and
+    brought this system back (the log says why), or nothing."""
+    boots = [line for line in journal if line.startswith("boot ")]
+    if not boots:
+        return ""
+    started = [line.split()[1] for line in journal if line.startswith("phase ")
+               and line.endswith(" start")]
+    # before its first phase, stage 2 reads its inputs: part of its checks
+    last = started[-1] if started else "checks"
+    if "writing" in journal:
+        return ("stage 2 passed its point of no return ({} boot(s) of the flasher, last in its "
+                "{} phase): the disk holds part of resinOS and boots the flasher until it is "
+                "complete. Do not roll back; its log below says where it stands".format(
+                    len(boots), last))
+    return ("stage 2 ran ({} boot(s) of the flasher) and stopped in its {} phase, before "
+            "writing anything of resinOS: this system is as stage 1 left it. Its log below "
+            "says why; run 'rollback' to get the swap back, or fix the cause and run stage1 "
+            "and reboot again".format(len(boots), last))
+
+
+def _stage2_files(device, lines):
+    # type: (str, int) -> tuple
+    """The last lines stage 2 wrote on flash-data (device), and its journal: after a
+    fallback boot, why it refused; from resinOS or a rescue shell, where it stands."""
+    from .errors import MigrateError
+    from .stage1 import Mounted
+    if not device or not os.path.exists(device):
+        return [], []
+    try:
+        with Mounted(device, "ro") as mountpoint:
+            return (_read_lines(os.path.join(mountpoint, LOG_NAME))[-lines:],
+                    _read_lines(os.path.join(mountpoint, JOURNAL_NAME)))
+    except (MigrateError, EnvironmentError):
+        return ["(flash-data could not be read)"], []
+
+
+def _read_lines(path):
+    # type: (str) -> list
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return handle.read().splitlines()

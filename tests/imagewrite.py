@@ -1,9 +1,11 @@
 """Stage 2's image writer, run on this host's loop devices (tests and `invoke bench`).
 
 Stage 2 itself needs the flasher around it (flash-data, flash-boot's FAT mounted); its
-writer does not. Sourced with RESIN_MIGRATE_LIBRARY=1, runtime/resin-migrate-stage2 only
-defines its functions, and this harness calls load_extents, write_image, the head write
-and verify_image in the order stage 2's main flow does.
+writing phases do not. Sourced with RESIN_MIGRATE_LIBRARY=1, runtime/resin-migrate-stage2
+only defines its functions, and this harness runs its phases write-body, verify and
+write-head as stage 2's main flow does, with a journal of its own in the work directory
+(each call starts a fresh one: a first boot of stage 2), and the fault points of a faults
+file when one is given.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from runtime.manifest import InnerImage
+from runtime.stage2names import FAULTS_NAME
 from tests.rig.legacy import _detach, _wait_for_nodes
 from tests.tools import sh
 
@@ -24,20 +27,24 @@ STAGE2 = ROOT / "runtime" / "resin-migrate-stage2"
 _HARNESS = r"""
 set -u -o pipefail
 RESIN_MIGRATE_LIBRARY=1 . "$STAGE2"
+: > "$LOG_FILE"
+JOURNAL=$WORK/$JOURNAL_NAME
+rm -f "$JOURNAL" "$WORK"/verify.*
 load_extents
 choose_read_flags
 choose_hasher
-decompress | head -c "$HEAD_BYTES" > "$HEAD"
-[ "$(stat -c %s "$HEAD")" = "$HEAD_BYTES" ] || { echo "no head" >&2; exit 3; }
+extract_head || { echo "the head does not extract" >&2; exit 3; }
 # "write" measures the write alone: no verifiers read back beside it
 [ "$MODE" = write ] && READ_FLAGS=
 if [ "$MODE" != verify ]; then
-    write_image || exit 4
+    phase_write_body || exit 4
     [ "$MODE" = write ] && exit 0
-    dd if="$HEAD" of="$DISK" bs=4M count=1 conv=notrunc,fsync 2>/dev/null || exit 5
 fi
-verify_image || { cat "$LOG_FILE" >&2; exit 6; }
-found=$(extent_sha 0 "$HEAD_BYTES")
+phase_verify || exit 6
+if [ "$MODE" != verify ]; then
+    phase_write_head || exit 5
+fi
+found=$(range_sha 0 "$HEAD_BYTES")
 [ "$found" = "$HEAD_SHA256" ] || { echo "head read back $found" >&2; exit 7; }
 """
 
@@ -58,19 +65,27 @@ def packed_image(bundle: Path, dest: Path) -> Path:
 
 def stage2_write(disk: str, packed: Path, inner: InnerImage, work: Path,
                  mode: str = "all", wrapper: tuple[str, ...] = (),
-                 hasher: str | None = None) -> subprocess.CompletedProcess:
-    """Write packed onto disk with stage 2's own functions; exit 0 when read back intact.
+                 hasher: str | None = None, faults: str | None = None
+                 ) -> subprocess.CompletedProcess:
+    """Write packed onto disk with stage 2's own phases; exit 0 when read back intact, its
+    log on stderr.
 
-    mode: "all" (write, head, read-back), "write" (the extents but the head, no read-back,
-    and no verifiers beside the write)
-    or "verify" (the read-back of what the disk holds; its log on stderr on a failure).
+    mode: "all" (write-body, verify, write-head), "write" (write-body alone, without the
+    verifiers beside it) or "verify" (the verify phase over what the disk holds: an extent
+    that reads back different is written again, as stage 2 does).
     hasher "sha256sum" makes stage 2 hash with sha256sum even where openssl is faster.
+    faults: the text of stage2.faults (stage 2's fault points, e.g. "write-extent corrupt 2").
     """
     work.mkdir(parents=True, exist_ok=True)
+    data = work / "flash-data"       # where stage 2 finds its faults file
+    data.mkdir(exist_ok=True)
+    (data / FAULTS_NAME).unlink(missing_ok=True)
+    if faults is not None:
+        (data / FAULTS_NAME).write_text(faults)
     env = {
         **os.environ, "STAGE2": str(STAGE2), "RESIN_MIGRATE_DISK": disk,
         "RESIN_MIGRATE_WORK": str(work), "RESIN_MIGRATE_REBOOT": "true",
-        "DISK": disk, "IMAGE": str(packed), "HEAD": str(work / "head.img"),
+        "DISK": disk, "IMAGE": str(packed), "DATA_MNT": str(data),
         "RM_IMAGE_COMPRESSION": inner.compression, "RM_IMAGE_RAW_SIZE": str(inner.raw_size),
         "RM_IMAGE_STREAM_SIZE": str(inner.stream_size),
         "RM_IMAGE_EXTENTS": ",".join(":".join(map(str, extent)) for extent in inner.extents),

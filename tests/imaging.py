@@ -653,7 +653,7 @@ def qemu_argv(
 @dataclasses.dataclass
 class BootResult:
     serials: list[list[tuple[float, str]]]  # per port: (seconds since QEMU started, line)
-    reason: str  # "poweroff" (QEMU exited by itself), "timeout" or "marker"
+    reason: str  # "poweroff" (QEMU exited by itself), "timeout", "marker" or "cut"
     seconds: float  # wall time from QEMU's start to the end of the run
     returncode: int | None  # QEMU's, when it exited by itself
 
@@ -681,8 +681,13 @@ class BootResult:
 
     def first(self, needle: str, port: int | None = None) -> float | None:
         """When the first line containing needle arrived (seconds), None if none did."""
-        found = self.lines(needle, port)
-        return found[0][0] if found else None
+        return self.first_after(needle, -1.0, port)
+
+    def first_after(self, needle: str, since: float, port: int | None = None,
+                    nth: int = 1) -> float | None:
+        """When the nth line containing needle after since arrived, None if none did."""
+        found = [when for when, _ in self.lines(needle, port) if when > since]
+        return found[nth - 1] if len(found) >= nth else None
 
 
 class BootError(ImageError):
@@ -745,19 +750,73 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """Where boot() cuts the power: at the nth line (on any port) containing marker, and
+    once the guest has written `written` more bytes to its first disk since (QEMU's own
+    count, QMP query-blockstats wr_bytes). QEMU is then killed (SIGKILL): nothing it held
+    is flushed, the disk holds what the guest had handed over (cache=unsafe keeps nothing
+    back), as after a power cut."""
+
+    marker: str
+    nth: int = 1
+    written: int = 0
+
+
+class _CutWatch:
+    def __init__(self, cut: Cut, qmp_socket: Path) -> None:
+        self.cut = cut
+        self.socket = qmp_socket
+        self.seen = 0
+        self.base: int | None = None       # wr_bytes when the marker was seen
+        self._monitor: object | None = None
+
+    def line(self, text: str) -> None:
+        if self.cut.marker in text:
+            self.seen += 1
+
+    def due(self) -> bool:
+        if self.seen < self.cut.nth:
+            return False
+        if not self.cut.written:
+            return True
+        written = self._written()
+        if self.base is None:
+            self.base = written
+        return written - self.base >= self.cut.written
+
+    def _written(self) -> int:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        if self._monitor is None:
+            monitor = QEMUMonitorProtocol(str(self.socket))
+            monitor.connect()
+            self._monitor = monitor
+        stats = self._monitor.cmd("query-blockstats")  # type: ignore[attr-defined]
+        first = next(entry for entry in stats if entry.get("device") == "disk0")
+        return int(first["stats"]["wr_bytes"])
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()  # type: ignore[attr-defined]
+            self._monitor = None
+
+
 def boot(
     drives: Sequence[Drive],
     *,
     ports: int = 2,
     timeout: float = 900,
     until: str | None = None,
+    cut: Cut | None = None,
     log_dir: Path | None = None,
     **qemu: object,
 ) -> BootResult:
     """Run QEMU (qemu_argv(drives, ..., **qemu)) and read its serial ports live until it
     exits by itself ("poweroff"), a line on any port contains until ("marker"; also a
     prompt without a newline, or a line in the last output of a QEMU that exited), or
-    timeout seconds pass ("timeout"). QEMU is always ended before this returns. Each line
+    timeout seconds pass ("timeout"), or at cut ("cut": killed, see Cut). QEMU is always
+    ended before this returns. Each line
     is stamped when read, terminal control sequences and CRs removed. log_dir keeps
     serial<N>.log and qemu.log (default: a temporary directory, removed). With "marker" or
     "timeout" the disks hold what the guest had handed to QEMU (cache=unsafe keeps nothing
@@ -781,6 +840,11 @@ def boot(
         argv = qemu_argv([dataclasses.replace(d, path=Path(d.path).resolve()) for d in drives],
                          serial_paths, **qemu)  # type: ignore[arg-type]
         argv[0] = binary
+        watch_cut = None
+        if cut is not None:
+            qmp_socket = Path(tmp_name) / "qmp.sock"
+            argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+            watch_cut = _CutWatch(cut, qmp_socket)
         env = base_env()
         env["TMPDIR"] = tmp_name  # snapshot=on overlays go there
         log.debug("boot: %s", shlex.join(argv))
@@ -790,10 +854,16 @@ def boot(
             with open(logs / "qemu.log", "wb") as qemu_out:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_out,
                                         stderr=subprocess.STDOUT, env=env)
+                reason = "error"
                 try:
-                    reason = _watch(proc, readers, started, timeout, until)
+                    reason = _watch(proc, readers, started, timeout, until, watch_cut)
                 finally:
+                    if reason == "cut":     # a power cut: no clean exit of QEMU
+                        proc.kill()
+                        proc.wait()
                     stop(proc)
+                    if watch_cut is not None:
+                        watch_cut.close()
             seconds = time.monotonic() - started
             for reader in readers:
                 reader.flush(seconds)
@@ -811,12 +881,14 @@ def boot(
 
 
 def _watch(proc: subprocess.Popen[bytes], readers: list[_Lines], started: float,
-           timeout: float, until: str | None) -> str:
+           timeout: float, until: str | None, cut: _CutWatch | None = None) -> str:
     def seen(now: float) -> bool:
         hit = False
         for reader in readers:
             for line in reader.poll(now):
                 hit = hit or (until is not None and until in line)
+                if cut is not None:
+                    cut.line(line)
         if not hit and until is not None:
             for reader in readers:
                 if until in reader.partial():  # a prompt without a newline
@@ -829,6 +901,8 @@ def _watch(proc: subprocess.Popen[bytes], readers: list[_Lines], started: float,
         now = time.monotonic() - started
         if seen(now):
             return "marker"
+        if cut is not None and not exited and cut.due():
+            return "cut"
         if exited:  # the output read after the exit was complete: checked above
             return "poweroff"
         if now >= timeout:

@@ -8,6 +8,7 @@ and hold every file of the image, byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -231,8 +232,8 @@ def test_the_sparse_write_over_old_data_gives_the_image_s_filesystems(
 
 
 @pytest.mark.loop
-def test_the_read_back_names_an_extent_that_differs(tmp_path: Path,
-                                                     synthetic_bundle: Path) -> None:
+def test_an_extent_that_reads_back_different_is_named_and_written_again(
+        tmp_path: Path, synthetic_bundle: Path) -> None:
     inner = load(str(synthetic_bundle)).inner_image
     packed = packed_image(synthetic_bundle, tmp_path)
     disk = tmp_path / "disk.img"
@@ -242,12 +243,44 @@ def test_the_read_back_names_an_extent_that_differs(tmp_path: Path,
     with loop_device(disk) as device:
         written = stage2_write(device, packed, inner, tmp_path / "work")
         assert written.returncode == 0, written.stderr
+        intact = _sha256_range(device, start, length)
         with open(device, "r+b") as handle:      # one byte changes on the disk
             handle.seek(start + length // 2)
             byte = handle.read(1)
             handle.seek(start + length // 2)
             handle.write(bytes([byte[0] ^ 0xFF]))
             os.fsync(handle.fileno())
+        assert _sha256_range(device, start, length) != intact
         checked = stage2_write(device, packed, inner, tmp_path / "work", mode="verify")
-    assert checked.returncode != 0
-    assert f"read back different: bytes {start}-{start + length - 1}" in checked.stderr
+        assert checked.returncode == 0, checked.stderr
+        assert _sha256_range(device, start, length) == intact, checked.stderr
+    assert f"read back different: extent 2 (bytes from {start})" in checked.stderr
+    assert "writing again the extents that read back different: 2 (try 1 of 3)" in checked.stderr
+
+
+@pytest.mark.loop
+@pytest.mark.parametrize(("faults", "ends"), [
+    # a disk that returns other bytes twice: the third write holds
+    ("write-extent corrupt 2", 0),
+    # one that always does: stage 2 reports it after its tries (exit 6: the verify phase)
+    ("write-extent corrupt 1000", 6),
+])
+def test_writes_that_read_back_different_are_retried_a_bounded_number_of_times(
+        tmp_path: Path, synthetic_bundle: Path, faults: str, ends: int) -> None:
+    inner = load(str(synthetic_bundle)).inner_image
+    packed = packed_image(synthetic_bundle, tmp_path)
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as handle:
+        handle.truncate(inner.raw_size)
+    with loop_device(disk) as device:
+        result = stage2_write(device, packed, inner, tmp_path / "work", faults=faults)
+    assert result.returncode == ends, result.stderr
+    retries = result.stderr.count("writing again the extents that read back different")
+    if ends == 0:
+        assert retries >= 1 and result.stderr.count("fault point write-extent") == 2, result.stderr
+    else:
+        assert retries == 3 and "extents still differ after 3 tries" in result.stderr
+
+
+def _sha256_range(device: str, start: int, length: int) -> str:
+    return hashlib.sha256(read_range(Path(device), start, length)).hexdigest()

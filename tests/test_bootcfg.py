@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from builder.bootcfg import CONSOLES, HIDING_ARGS, first_kernel_entry
+from builder.bootcfg import CONSOLES, HIDING_ARGS, PANIC, first_kernel_entry
 from builder.errors import FlasherLayoutError
 from runtime.manifest import CMDLINE_PATTERN
 from tests.releases import RELEASES, Release, external_grub_cfg
@@ -32,22 +32,24 @@ menuentry 'other' {
 }
 """
 
-SCREEN_AND_SERIAL = " ".join(CONSOLES)
+ADDED = [*CONSOLES, PANIC]      # no console= and no panic= in the entry
+CARRIED = " ".join(ADDED)
 
 
 def test_older_flasher_boots_vmlinuz_from_flash_boot() -> None:
     entry = first_kernel_entry(OLDER, "flash-boot", "grub.cfg")
     assert (entry.kernel_label, entry.kernel, entry.initrd) == ("flash-boot", "/vmlinuz", None)
-    # no console= in the entry: stage 2's progress goes to the serial port and the screen
-    assert entry.cmdline == f"root=LABEL=flash-rootA rootwait {SCREEN_AND_SERIAL}"
-    assert (entry.dropped, entry.added) == ([], list(CONSOLES))
+    # no console= in the entry: stage 2's progress goes to the serial port and the screen;
+    # no panic=: a panic reboots (into the old system: the one-shot entry is spent)
+    assert entry.cmdline == f"root=LABEL=flash-rootA rootwait {CARRIED}"
+    assert (entry.dropped, entry.added) == ([], ADDED)
 
 
 def test_newer_flasher_boots_from_the_searched_label() -> None:
     entry = first_kernel_entry(NEWER, "flash-boot", "grub.cfg")
     assert (entry.kernel_label, entry.kernel, entry.initrd) == (
         "flash-rootA", "/boot/bzImage", "/boot/initramfs")
-    assert entry.cmdline == f"root=LABEL=flash-rootA flasher rootwait {SCREEN_AND_SERIAL}"
+    assert entry.cmdline == f"root=LABEL=flash-rootA flasher rootwait {CARRIED}"
 
 
 def test_grub_variables_and_hiding_arguments_are_dropped_and_recorded() -> None:
@@ -56,14 +58,14 @@ def test_grub_variables_and_hiding_arguments_are_dropped_and_recorded() -> None:
     entry = first_kernel_entry(text, "flash-boot", "grub.cfg")
     assert entry.dropped == ["$extra", "console=null", "quiet", "splash", "${extra_os_cmdline}"]
     # the repeated rootwait is carried once; console=null gone, so consoles are added
-    assert entry.cmdline == f"root=LABEL=flash-rootA rootwait {SCREEN_AND_SERIAL}"
-    assert entry.added == list(CONSOLES)
+    assert entry.cmdline == f"root=LABEL=flash-rootA rootwait {CARRIED}"
+    assert entry.added == ADDED
 
 
-def test_a_console_the_entry_names_is_kept_and_nothing_is_added() -> None:
-    text = "linux /vmlinuz root=LABEL=flash-rootA console=ttyS1,9600 quiet\n"
+def test_a_console_and_panic_the_entry_names_are_kept_and_nothing_is_added() -> None:
+    text = "linux /vmlinuz root=LABEL=flash-rootA console=ttyS1,9600 panic=30 quiet\n"
     entry = first_kernel_entry(text, "flash-boot", "grub.cfg")
-    assert entry.cmdline == "root=LABEL=flash-rootA console=ttyS1,9600"
+    assert entry.cmdline == "root=LABEL=flash-rootA console=ttyS1,9600 panic=30"
     assert (entry.dropped, entry.added) == (["quiet"], [])
 
 
@@ -76,6 +78,7 @@ def test_every_release_row_gives_a_carryable_command_line(release: Release) -> N
     assert ("flasher" in words) == release.flasher_arg
     assert not any("$" in word or word in HIDING_ARGS for word in words)
     assert "console=ttyS0,115200n8" in words and "console=tty0" in words
+    assert PANIC in words   # no row names a panic=
     # exactly the row's GRUB variables and what hides stage 2, in the entry's order
     expected = [word for word in release.kernel_args().split()
                 if "$" in word or word in HIDING_ARGS]

@@ -74,12 +74,12 @@ def streams(built: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 def test_bundle_holds_the_files_and_sha256sum_accepts_them(built: BuildResult) -> None:
     names = sorted(path.name for path in built.out.iterdir())
-    assert names == ["SHA256SUMS", "flash-boot.gz", "flash-rootA.gz", "manifest.json",
-                     "resin-migrate.pyz"]
+    assert names == ["SHA256SUMS", "flash-boot.gz", "flash-rootA.gz", "kernel-fs-probe.gz",
+                     "manifest.json", "resin-migrate.pyz"]
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=built.out,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert check.stdout.count(": OK") == 4
+    assert check.stdout.count(": OK") == 5
     # nothing else was left beside the bundle (staging and work directories removed)
     assert sorted(path.name for path in built.out.parent.iterdir()) == ["nuc"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -32,7 +33,16 @@ from builder.release import SHAPES, version_key
 from runtime.manifest import Manifest, load
 from tests.releases import RELEASES, Release
 from tests.synthetic import FlasherSpec, cached_flasher
-from tests.tools import decompress, extents_sha256, fat_files, fat_read, sfdisk_json, sh
+from tests.tools import (
+    blkid,
+    debugfs_cat,
+    decompress,
+    extents_sha256,
+    fat_files,
+    fat_read,
+    sfdisk_json,
+    sh,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -283,6 +293,34 @@ def test_the_row_builds_and_the_bundle_verifies(built: RowBuild) -> None:
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=built.out,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def _ext4_format(image: Path) -> tuple[list[str], str, str]:
+    fields = dict(line.split(":", 1) for line in sh("dumpe2fs", "-h", image).stdout.decode()
+                  .splitlines() if ":" in line)
+    state = {"needs_recovery", "orphan_present"}     # how it was left, not how it was made
+    return (sorted(set(fields["Filesystem features"].split()) - state),
+            fields["Block size"].strip(), fields["Inode size"].strip())
+
+
+def test_the_kernel_filesystem_probe_is_made_like_the_kernels(unpacked: Unpacked,
+                                                             tmp_path: Path) -> None:
+    """What `check` reads with the device's GRUB: the kernel's filesystem type and (ext4)
+    features, block and inode size, and a file at the kernel's path; this host's GRUB reads
+    it too."""
+    boot = unpacked.manifest.boot
+    probe = decompress(unpacked.build.out / boot.probe, tmp_path / "probe.img")
+    kernel_fs = unpacked.root if boot.kernel_label == "flash-rootA" else unpacked.boot
+    assert blkid(probe)["TYPE"] == blkid(kernel_fs)["TYPE"]
+    if boot.kernel_label == "flash-rootA":
+        assert _ext4_format(probe) == _ext4_format(kernel_fs)
+        data = debugfs_cat(probe, boot.kernel)
+    else:
+        assert blkid(probe).get("VERSION") == blkid(kernel_fs).get("VERSION")  # FAT16
+        data = fat_read(probe, boot.kernel)
+    assert hashlib.sha256(data).hexdigest() == boot.probe_sha256 and len(data) == 256 << 10
+    read = sh("grub-fstest", probe, "cat", f"(loop0){boot.kernel}").stdout
+    assert read == data
 
 
 def test_only_stage2_starts_when_the_flasher_boots(unpacked: Unpacked) -> None:

@@ -79,7 +79,8 @@ def test_newer_flasher_naming_and_grub_entry(tmp_path: Path) -> None:
     assert manifest.inner_image.path == "/opt/balena-image-genericx86-64.balenaos-img.gz"
     assert (manifest.boot.kernel_label, manifest.boot.kernel) == ("flash-rootA", "/boot/bzImage")
     assert "flasher" in manifest.boot.cmdline.split()
-    assert [stream.file for stream in manifest.streams] == ["flash-boot.zst", "flash-rootA.zst"]
+    assert [stream.file for stream in manifest.streams] == ["flash-boot.zst", "flash-rootA.zst",
+                                                            "kernel-fs-probe.zst"]
 
 
 def _corrupt_zip(tmp: Path) -> Path:
@@ -239,7 +240,7 @@ def test_non_empty_out_is_refused_unless_forced(tmp_path: Path) -> None:
     forced = build_flasher("--image", cached_flasher(), "--out", out, "--force")
     assert forced.returncode == 0, forced.stderr
     assert sorted(_tree(out)) == ["SHA256SUMS", "flash-boot.gz", "flash-rootA.gz",
-                                  "manifest.json", "resin-migrate.pyz"]
+                                  "kernel-fs-probe.gz", "manifest.json", "resin-migrate.pyz"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["nuc"]
 
 

@@ -128,7 +128,7 @@ def test_sizes_without_head(pki: Pki, pyz: Path, synthetic_bundle: Path) -> None
         bundle = RemoteBundle(server.url, Fetcher(ca_file=str(pki.ca)))
         described = bundle.check(bundle.manifest())
         assert [g.range for g in server.gets("flash-rootA.gz")] == ["bytes=0-0"]
-    assert "2 streams on the server at their sizes" in described
+    assert "3 streams on the server at their sizes" in described
 
 
 def test_proxy_from_the_environment(pyz: Path, synthetic_bundle: Path) -> None:
@@ -342,11 +342,12 @@ def test_stage1_from_https(device: Device, pki: Pki, synthetic_bundle: Path) -> 
         planned = device.run(server.url, "plan", ca=pki.ca)
         assert planned.returncode == 0, planned.stdout + planned.stderr
         assert f"download from {server.url} and write each stream" in planned.stdout
-        # check and plan fetched the manifest and SHA256SUMS, and only asked the streams'
-        # sizes
+        # check and plan fetched the manifest and SHA256SUMS, asked the streams' sizes and
+        # downloaded only the small probe of the kernel's filesystem (GRUB reads it)
         assert {(r.method, r.path.rsplit("/", 1)[1]) for r in server.requests} == {
             ("GET", "manifest.json"), ("GET", "SHA256SUMS"), ("HEAD", "flash-boot.gz"),
-            ("HEAD", "flash-rootA.gz")}
+            ("HEAD", "flash-rootA.gz"), ("HEAD", "kernel-fs-probe.gz"),
+            ("GET", "kernel-fs-probe.gz")}
 
         stage1 = subprocess.Popen(
             [PYTHON, str(device.pyz), "--bundle-url", server.url, "--ca-file", str(pki.ca),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import StaticNetwork, fallback, migrate
+from tests.powercut import instants, run_matrix, table
 from tests.rig.bootimages import FLASHER_RELEASE, OLDER_RELEASE
 from tests.rig.legacy import LegacySpec, SwapPlacement
 
@@ -47,3 +48,13 @@ def test_static_network_is_carried_to_resin_boot(tmp_path: Path) -> None:
     assert ethernet["ethernet"]["mac-address"].upper() == network.mac.upper()
     print(f"\nmigration with a static address ({', '.join(sorted(result.keyfiles))} on "
           f"resin-boot):\n{result.summary()}")
+
+
+@pytest.mark.parametrize("name", [name for name, instant in instants(None).items()
+                                  if instant.default])
+def test_power_cut_ends_in_resinos_or_the_old_system(name: str, tmp_path: Path) -> None:
+    """A handful of the power-cut matrix (the slowest windows: the body write, the head
+    write); `invoke e2e --scenario powercut` runs every instant."""
+    rows = run_matrix([name], tmp_path)    # its progress and any failure in full: captured
+    print(f"\n{table(rows)}")
+    assert all(not isinstance(row, str) for row in rows), rows[0]

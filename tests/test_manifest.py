@@ -40,7 +40,9 @@ def _manifest() -> Manifest:
         streams=[Stream(file="flash-boot.gz", compression="gzip", size=100, sha256=SHA,
                         raw_size=40 << 20, raw_sha256=SHA),
                  Stream(file="flash-rootA.gz", compression="gzip", size=100, sha256=SHA,
-                        raw_size=400 << 20, raw_sha256=SHA)],
+                        raw_size=400 << 20, raw_sha256=SHA),
+                 Stream(file="kernel-fs-probe.gz", compression="gzip", size=100, sha256=SHA,
+                        raw_size=16 << 20, raw_sha256=SHA)],
         inner_image=InnerImage(
             path="/opt/resin-image-genericx86-64.resinos-img.zst",
             original_path="/opt/resin-image-genericx86-64.resinos-img", compression="zstd",
@@ -50,9 +52,11 @@ def _manifest() -> Manifest:
             layout=ReferenceLayout.load("resinos-image").layout, data_free=850 << 20),
         boot=Boot(kernel_label="flash-rootA", kernel="/boot/bzImage", initrd=None,
                   cmdline="root=LABEL=flash-rootA flasher rootwait vt.global_cursor_default=0 "
-                          "console=ttyS0,115200n8 console=tty0",
+                          "console=ttyS0,115200n8 console=tty0 panic=10",
                   dropped_args=["console=null", "quiet", "splash", "${extra_os_cmdline}"],
-                  added_args=["console=ttyS0,115200n8", "console=tty0"]),
+                  added_args=["console=ttyS0,115200n8", "console=tty0", "panic=10"],
+                  kernel_size=9 << 20, kernel_sha256=SHA, probe="kernel-fs-probe.gz",
+                  probe_sha256=SHA),
         flasher=Flasher(release="2.113.34", meta_balena="2.113.35", machine="genericx86-64",
                         slug="intel-nuc", shape="2.113", flag_file="/balena-image-flasher",
                         edits=["masked resin-init-flasher.service (it ran resin-init-flasher)",
@@ -109,6 +113,10 @@ def test_cross_field_rules() -> None:
     too_big["streams"][1]["raw_size"] = (400 << 20) + 1
     with pytest.raises(ManifestError, match="larger than the partition"):
         loads(json.dumps(too_big).encode())
+    no_probe = copy.deepcopy(data)
+    no_probe["streams"].pop()
+    with pytest.raises(ManifestError, match=r"boot\.probe: kernel-fs-probe.gz is not in"):
+        loads(json.dumps(no_probe).encode())
     undecodable = copy.deepcopy(data)
     undecodable["flasher_decompressors"] = ["gzip"]
     with pytest.raises(ManifestError, match="flasher cannot decompress"):

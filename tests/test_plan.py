@@ -11,7 +11,7 @@ import pytest
 
 from runtime.disk import read_table
 from runtime.manifest import dumps, loads
-from runtime.plan import PlanError, place
+from runtime.plan import CORE_SECTORS, PlanError, place
 from tests.test_manifest import _manifest
 
 MIB_SECTORS = 2048
@@ -56,7 +56,10 @@ def test_primary_swap_becomes_three_primaries(tmp_path: Path) -> None:
     layout = place(table, swap, _manifest_small(), reserve_bytes=100 << 20)
     assert [(f.label, f.number) for f in layout.flash] == [
         ("flash-boot", 2), ("flash-rootA", 3), ("flash-data", 4)]
-    assert layout.flash[0].start == swap.start and layout.flash[-1].end == swap.end
+    # the swap's first MiB, in no partition, holds the flasher's core.img
+    assert layout.core_start == swap.start
+    assert layout.flash[0].start == swap.start + CORE_SECTORS
+    assert layout.flash[-1].end == swap.end
     assert layout.protected_start == swap.start
     written = _apply(image, layout.script(before))
     parts = {p["node"][len(str(image)):]: p for p in written["partitions"]}
@@ -86,7 +89,8 @@ def test_logical_swap_becomes_three_logicals(tmp_path: Path) -> None:
     for part in written["partitions"][2:]:
         assert extended["start"] < part["start"]
         assert part["start"] + part["size"] <= extended["start"] + extended["size"]
-    assert written["partitions"][2]["start"] == swap.start
+    assert layout.core_start == swap.start
+    assert written["partitions"][2]["start"] == swap.start + CORE_SECTORS
 
 
 def test_no_free_primary_slot_makes_an_extended_partition(tmp_path: Path) -> None:
@@ -98,6 +102,11 @@ def test_no_free_primary_slot_makes_an_extended_partition(tmp_path: Path) -> Non
     assert [f.number for f in layout.flash] == [5, 6, 7]
     written = _apply(image, layout.script(_dump(image)))
     assert [p["type"] for p in written["partitions"]] == ["83", "83", "5", "e", "83", "83"]
+    # the first boot record at the extended partition's start; the core.img after it, in
+    # no partition, before the first logical one
+    extended = written["partitions"][2]
+    assert extended["start"] < layout.core_start
+    assert layout.core_start + CORE_SECTORS <= written["partitions"][3]["start"]
 
 
 def test_logical_swap_after_another_logical_protects_the_whole_chain(tmp_path: Path) -> None:
@@ -123,5 +132,5 @@ def test_logical_partitions_after_the_swap_are_not_renumbered(tmp_path: Path) ->
 def test_too_small_swap_is_refused_with_sizes(tmp_path: Path) -> None:
     image = _disk(tmp_path, PRIMARY, size=3002368 * 512 + (300 << 20))
     table = read_table(str(image))
-    with pytest.raises(PlanError, match=r"holds 300 MiB; the flasher's partitions need 508 MiB"):
+    with pytest.raises(PlanError, match=r"holds 300 MiB; the flasher's partitions need 509 MiB"):
         place(table, table.number(2), _manifest_small())

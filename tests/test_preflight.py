@@ -13,8 +13,13 @@ def _sysroot(tmp_path: Path, grub_version: str | None, os_id: str = "ubuntu") ->
     root = tmp_path / "root"
     for directory in ("etc/grub.d", "usr/sbin", "boot/grub", "var/lib/dpkg"):
         (root / directory).mkdir(parents=True)
-    for tool in ("update-grub", "grub-reboot", "grub-editenv"):
+    for tool in ("update-grub", "grub-reboot", "grub-editenv", "grub-mkimage", "grub-fstest",
+                 "grub-probe"):
         (root / "usr/sbin" / tool).write_text("#!/bin/sh\n")
+    # what the flasher's own core.img is made of (runtime/bootcore.py)
+    (root / "usr/lib/grub/i386-pc").mkdir(parents=True)
+    for name in ("boot.img", "biosdisk.mod", "search_fs_uuid.mod"):
+        (root / "usr/lib/grub/i386-pc" / name).write_bytes(b"")
     (root / "boot/grub/grubenv").write_text("# GRUB Environment Block\n" + "#" * 998)
     (root / "etc/os-release").write_text(f'ID={os_id}\nPRETTY_NAME="{os_id} test"\n')
     if grub_version:
@@ -53,6 +58,17 @@ def test_missing_grub_pieces_are_named(tmp_path: Path) -> None:
     assert preflight.checks[0].ok is False
     assert "no grub-reboot" in preflight.checks[0].found
     assert "no /boot/grub/grubenv" in preflight.checks[0].found
+
+
+def test_missing_pieces_of_the_flashers_core_img_are_named(tmp_path: Path) -> None:
+    root = _sysroot(tmp_path, None)
+    (root / "usr/sbin/grub-mkimage").unlink()
+    (root / "usr/lib/grub/i386-pc/search_fs_uuid.mod").unlink()
+    preflight = Preflight(str(root), str(tmp_path))
+    preflight.check_grub()
+    assert preflight.checks[0].ok is False
+    assert "no grub-mkimage" in preflight.checks[0].found
+    assert "search_fs_uuid.mod (grub-pc-bin)" in preflight.checks[0].found
 
 
 @pytest.mark.parametrize(("spec", "named"), [

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from runtime.manifest import load
+from runtime.plan import CORE_SECTORS
+from runtime.stage2names import ARMED_MBR_NAME
 from tests.rig.legacy import (
     APPDATA_DIR,
     LegacySpec,
@@ -143,6 +146,9 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
 
     checked = device.runtime("check")
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    # the device's GRUB read the bundle's probe of the kernel's filesystem (a file of 256 KiB)
+    assert "GRUB reads flash-rootA's filesystem (262144 bytes at /boot/bzImage" in \
+        checked.stdout, checked.stdout
     planned = device.runtime("plan")
     assert planned.returncode == 0 and "flash-rootA" in planned.stdout, planned.stderr
 
@@ -157,7 +163,8 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     assert (parts[1]["start"], parts[1]["size"]) == (root_before["start"], root_before["size"])
     numbers = [2, 3, 4] if swap_number == 2 else [5, 6, 7]
     assert [parts[n]["type"] for n in numbers] == ["e", "83", "83"]
-    assert parts[numbers[0]]["start"] == swap["start"]
+    # the swap's first MiB, in no partition, holds the flasher's own core.img
+    assert parts[numbers[0]]["start"] == swap["start"] + CORE_SECTORS
     assert parts[numbers[2]]["start"] + parts[numbers[2]]["size"] == swap["start"] + swap["size"]
     labels = [blkid(Path(device.partition(n))) for n in numbers]
     assert [(found["LABEL"], found["TYPE"]) for found in labels] == [
@@ -185,7 +192,10 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     assert manifest.boot.kernel_label == "flash-rootA"
     assert f"search --no-floppy --fs-uuid --set=root {labels[1]['UUID']}" in entry
     assert f"linux /boot/bzImage {manifest.boot.cmdline}\n" in entry
-    assert "root=LABEL=flash-rootA flasher rootwait" in entry
+    assert "root=LABEL=flash-rootA flasher rootwait" in entry and " panic=10" in entry
+    # the one-shot boot waits at no menu and falls back to the system's own entry
+    assert 'if [ "${default}" = "resin-migrate-flasher" ]; then' in entry
+    assert "set timeout=1" in entry and "set fallback=" in entry
     assert "--id resin-migrate-flasher" in (device.sysroot / "boot/grub/grub.cfg").read_text()
     assert next_entry(device.sysroot) == "resin-migrate-flasher"
 
@@ -208,6 +218,14 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
                 extracted = tar.extractfile(names[rel])
                 assert extracted is not None and extracted.read() == data
         assert "stage 1 finished" in (mount / "resin-migrate-stage1.log").read_text()
+        # the sector 0 stage 2 writes first: GRUB's boot.img pointing at the core.img,
+        # this disk's identifier and table
+        armed = (mount / ARMED_MBR_NAME).read_bytes()
+        sector0 = read_device(device.disk, 512)
+        assert armed[440:] == sector0[440:] and armed[:440] != sector0[:440]
+        assert int.from_bytes(armed[0x5c:0x64], "little") == swap["start"]
+        assert f"RM_ARMED_MBR_SHA256='{hashlib.sha256(armed).hexdigest()}'" in env
+        _check_boot_core(device, swap["start"], env, boot_area[:512])
     finally:
         sh("umount", mount)
 
@@ -230,6 +248,22 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     assert tree_digest(device.sysroot) == before_tree
     sh("blockdev", "--flushbufs", device.disk)
     assert read_device(device.disk, 2048 * 512) == boot_area
+
+
+def _check_boot_core(device: Device, core_start: int, env: str, sector0: bytes) -> None:
+    """The flasher's core.img at core_start, as stage2.env describes it: GRUB's diskboot.img
+    first, its blocklist pointing at its own next sector; sector 0 not changed by stage 1
+    (stage 2 arms it). That GRUB boots it is the VM's business (tests/rig/test_bootimages)."""
+    sh("blockdev", "--flushbufs", device.disk)
+    core = read_device(device.disk, (core_start + CORE_SECTORS) * 512)[core_start * 512:]
+    assert b"loading" in core[:512]
+    first, length = struct.unpack("<QH", core[500:510])
+    assert first == core_start + 1 and 0 < length < CORE_SECTORS
+    assert f"RM_CORE_START='{core_start}'" in env
+    assert f"RM_CORE_SECTORS='{length + 1}'" in env
+    written = hashlib.sha256(core[:(length + 1) * 512]).hexdigest()
+    assert f"RM_CORE_SHA256='{written}'" in env
+    assert read_device(device.disk, 440) == sector0[:440]     # the boot code; the table is new
 
 
 @pytest.mark.parametrize("device", LAYOUTS, indirect=True, ids=["primary", "logical"])
@@ -345,6 +379,70 @@ def _nothing(device: Device, tmp_path: Path) -> dict:
     return {}
 
 
+def _other_boot_code(device: Device, tmp_path: Path) -> dict:
+    """The MBR's first 440 bytes zeroed: the BIOS starts no GRUB from this disk."""
+    with open(device.disk, "r+b") as handle:
+        handle.write(bytes(440))
+        os.fsync(handle.fileno())
+    return {}
+
+
+def _grub_moved(device: Device, tmp_path: Path) -> dict:
+    """boot.img still in the MBR, but the core.img it loads is gone from the gap."""
+    with open(device.disk, "r+b") as handle:
+        handle.seek(512)
+        handle.write(bytes(512))
+        os.fsync(handle.fileno())
+    return {}
+
+
+def _probe_grub_cannot_read(device: Device, tmp_path: Path) -> dict:
+    """The bundle's probe of the kernel's filesystem made with inline_data, an ext4
+    feature the device's GRUB (2.06) does not read, as an older GRUB meets newer ones."""
+    import gzip
+    import json
+
+    from builder.kernelprobe import file_bytes
+
+    copy = _copy_bundle(device, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    boot = manifest["boot"]
+    tree = tmp_path / "probe-tree"
+    (tree / boot["kernel"].lstrip("/")).parent.mkdir(parents=True)
+    (tree / boot["kernel"].lstrip("/")).write_bytes(file_bytes())
+    raw = tmp_path / "probe.img"
+    sh("mke2fs", "-F", "-q", "-t", "ext4", "-O", "inline_data", "-d", tree, raw, "16M")
+    packed = gzip.compress(raw.read_bytes())
+    (copy / boot["probe"]).write_bytes(packed)
+    stream = next(entry for entry in manifest["streams"] if entry["file"] == boot["probe"])
+    stream.update(size=len(packed), sha256=hashlib.sha256(packed).hexdigest(),
+                  raw_size=raw.stat().st_size,
+                  raw_sha256=hashlib.sha256(raw.read_bytes()).hexdigest())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return {"bundle": copy}
+
+
+def _grub_on_btrfs(device: Device, tmp_path: Path) -> dict:
+    """/boot/grub (its files copied) on a btrfs filesystem of its own, on another loop
+    device: GRUB reads it but cannot write grubenv there."""
+    image = tmp_path / "btrfs.img"
+    with image.open("wb") as handle:
+        handle.truncate(256 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True)
+    grub_dir = device.sysroot / "boot/grub"
+    saved = tmp_path / "grub-files"
+    shutil.copytree(grub_dir, saved, symlinks=True)
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    subprocess.run(["mount", loop, str(grub_dir)], check=True)
+    subprocess.run(["cp", "-a", f"{saved}/.", str(grub_dir)], check=True)
+
+    def undo() -> None:
+        subprocess.run(["umount", str(grub_dir)], check=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
+    return {"undo": undo}
+
+
 @pytest.mark.parametrize(("device", "prepare", "message"), [
     (LegacySpec(), _as_nobody, "running as uid 65534"),
     (LegacySpec(with_swap_partition=False), _nothing, "swap is a file (/swapfile)"),
@@ -352,8 +450,15 @@ def _nothing(device: Device, tmp_path: Path) -> dict:
     (LegacySpec(), _flip_stream_byte, "flash-rootA.gz: sha256"),
     (LegacySpec(), _shell_in_label, "'flash-data;reboot' does not match"),
     (LegacySpec(), _without_tool, "missing: partx"),
+    (LegacySpec(), _other_boot_code, "boot code in the MBR of /dev/loop"),
+    (LegacySpec(), _grub_moved, "is no GRUB core.img: GRUB was installed elsewhere"),
+    (LegacySpec(), _grub_on_btrfs, "grub-probe says /boot/grub is on btrfs: GRUB cannot "
+                                   "write grubenv there"),
+    (LegacySpec(), _probe_grub_cannot_read, "this device's GRUB cannot read a filesystem "
+                                            "made like flash-rootA of the flasher"),
 ], indirect=["device"], ids=["not-root", "swap-file", "swap-too-small", "corrupt-stream",
-                             "shell-in-label", "missing-tool"])
+                             "shell-in-label", "missing-tool", "mbr-not-grub", "core-moved",
+                             "grub-on-btrfs", "kernel-fs-unreadable"])
 def test_refusals_change_nothing(device: Device, tmp_path: Path, prepare, message) -> None:
     extra = prepare(device, tmp_path)
     try:
@@ -361,6 +466,8 @@ def test_refusals_change_nothing(device: Device, tmp_path: Path, prepare, messag
     finally:
         if "cleanup" in extra:
             shutil.rmtree(extra["cleanup"])
+        if "undo" in extra:
+            extra["undo"]()
 
 
 def _refused_twice(device: Device, extra: dict, message: str) -> None:
@@ -438,11 +545,17 @@ def test_stage1_memory_stays_small_with_a_1gib_stream(tmp_path: Path,
     shutil.copytree(synthetic_bundle, bundle)
     raw = tmp_path / "rootA.img"
     rng = random.Random(7)
-    # an ext4 filesystem (stage 1's GRUB entry finds the kernel's partition by its UUID)
-    # with 1 MiB of noise every 64 MiB after its first block group
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "flash-rootA", str(raw), "1G"], check=True)
+    # an ext4 filesystem holding the manifest's kernel (stage 1's GRUB entry finds its
+    # partition by its UUID; GRUB's own grub-fstest must read it there) with 1 MiB of noise
+    # every 64 MiB after its first block group
+    kernel = rng.randbytes(256 << 10)
+    tree = tmp_path / "rootA-tree"
+    (tree / "boot").mkdir(parents=True)
+    (tree / "boot" / "bzImage").write_bytes(kernel)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "flash-rootA", "-d", str(tree), str(raw),
+                    "1G"], check=True)
     with raw.open("r+b") as handle:
-        for offset in range(64 << 20, 1 << 30, 64 << 20):
+        for offset in range(128 << 20, 1 << 30, 64 << 20):
             handle.seek(offset)
             handle.write(rng.randbytes(1 << 20))
     with (bundle / "flash-rootA.gz").open("wb") as out:
@@ -460,6 +573,9 @@ def test_stage1_memory_stays_small_with_a_1gib_stream(tmp_path: Path,
     for part in manifest["partitions"]:
         if part["label"] == "flash-rootA":
             part["size"] = 1 << 30
+    assert manifest["boot"]["kernel"] == "/boot/bzImage"
+    manifest["boot"].update(kernel_size=len(kernel),
+                            kernel_sha256=hashlib.sha256(kernel).hexdigest())
     (bundle / "manifest.json").write_bytes(dumps(loads(json.dumps(manifest).encode())))
     raw.unlink()
 
@@ -520,3 +636,32 @@ def test_active_swap_is_switched_off_and_back_on(device: Device) -> None:
         assert swap in Path("/proc/swaps").read_text()
     finally:
         sh("swapoff", swap, check=False)
+
+
+def test_another_disk_with_boot_code_is_named_with_the_root_disk(device: Device,
+                                                                  tmp_path: Path) -> None:
+    """Three more disks: one with GRUB's boot code, one with a partition table alone
+    (sfdisk writes no boot code), one empty. Only the first could be booted instead."""
+    from runtime.preflight import Preflight
+    from tests.imagewrite import loop_device
+
+    images = {name: tmp_path / f"{name}.img" for name in ("grub", "table", "empty")}
+    for image in images.values():
+        with image.open("wb") as handle:
+            handle.truncate(8 << 20)
+    sh("sfdisk", "-q", images["table"], input=b"label: dos\nstart=2048, type=83\n")
+    sh("sfdisk", "-q", images["grub"], input=b"label: dos\nstart=2048, type=83\n")
+    with images["grub"].open("r+b") as handle:
+        handle.write(Path("/usr/lib/grub/i386-pc/boot.img").read_bytes()[:440])
+    before = disk_digest(device)
+    with loop_device(images["grub"]) as grub_disk, loop_device(images["table"]) as table, \
+            loop_device(images["empty"]) as empty:
+        candidates = [grub_disk, table, empty, device.disk]
+        checks = Preflight(str(device.sysroot), str(device.bundle), device.disk,
+                           boot_disks=candidates).run()
+    found = next(check for check in checks.checks if check.name == "other boot disks")
+    assert found.ok is False
+    assert found.found == f"boot code on {grub_disk} as well as on {device.disk}"
+    assert f"unplug {grub_disk}" in found.hint
+    assert not checks.passed
+    assert disk_digest(device) == before

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.rig.legacy import LegacySpec, SwapPlacement, attached, copy_legacy_image, mounted_root
+from runtime import stage2names as STAGE2_NAMES
+from tests.rig.legacy import (
+    LegacyDevice,
+    LegacySpec,
+    SwapPlacement,
+    attached,
+    copy_legacy_image,
+    mounted_root,
+)
 from tests.test_stage1 import MOUNT_OPTIONS, PYTHON, backup_script_for
 from tests.tools import read_range, sfdisk_json, sh
 
@@ -133,16 +141,79 @@ def test_refusal_before_the_point_of_no_return(harm, reason, tmp_path: Path,
         assert reason in result.stderr
         with mounted(f"{dev.device}p{numbers['flash-data']}", tmp_path / "data") as data_dir:
             log = (data_dir / "resin-migrate-stage2.log").read_text()
-        assert reason in log and "nothing was written" in log
+        assert reason in log and "nothing of the image was written" in log
         assert digest_outside(image, data_range) == before
         # back in the old system, `status` shows why
-        with mounted_root(dev) as sysroot:
-            status = subprocess.run(
-                [PYTHON, str(synthetic_bundle / "resin-migrate.pyz"), "--bundle",
-                 str(synthetic_bundle), "--disk", dev.device, "--sysroot", str(sysroot),
-                 "status"], capture_output=True, text=True)
-        assert status.returncode == 0, status.stderr
-        assert "stage 2's log on flash-data" in status.stdout and reason in status.stdout
+        status = _status(dev, synthetic_bundle)
+        assert "stage 2's log on flash-data" in status and reason in status
+        assert "stopped in its checks phase, before writing anything" in status
+
+
+def _status(dev: LegacyDevice, bundle: Path) -> str:
+    """`status` as the old system runs it, from the disk's root."""
+    with mounted_root(dev) as sysroot:
+        status = subprocess.run(
+            [PYTHON, str(bundle / "resin-migrate.pyz"), "--bundle", str(bundle), "--disk",
+             dev.device, "--sysroot", str(sysroot), "status"], capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    return status.stdout
+
+
+def _set_env(data: Path, **values: str) -> None:
+    lines = (data / STAGE2_NAMES.ENV_NAME).read_text().splitlines()
+    for name, value in values.items():
+        lines = [f"{name}='{value}'" if line.startswith(f"{name}=") else line
+                 for line in lines]
+    (data / STAGE2_NAMES.ENV_NAME).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.loop
+@pytest.mark.parametrize(("fault", "armed"), [
+    # a check that blocks (a failing disk): nothing armed yet; it hangs before flash-boot
+    # (FAT) is mounted, so this host can run it
+    ("checks hang", False),
+    # stuck after sector 0 was made to boot the flasher: past every check, flash-boot
+    # mounted, so in the tools VM
+    pytest.param("arm-boot hang", True, marks=pytest.mark.vm),
+])
+def test_the_guard_brings_the_old_system_back_before_the_point_of_no_return(
+        fault: str, armed: bool, tmp_path: Path, synthetic_bundle: Path) -> None:
+    image = make_stage1_disk(LegacySpec(), synthetic_bundle, tmp_path / "disk.img")
+    numbers = flash_numbers(image)
+    data = next(p for p in sfdisk_json(image)["partitions"]
+                if p["node"].endswith(str(numbers["flash-data"])))
+    data_range = (data["start"], data["start"] + data["size"])
+    sector0 = read_range(image, 0, 512)
+    with attached(image) as dev, mounted(f"{dev.device}p{numbers['flash-data']}",
+                                         tmp_path / "data-rw", "rw") as data_dir:
+        _set_env(data_dir, RM_GUARD_TIMEOUT="12")
+        (data_dir / STAGE2_NAMES.FAULTS_NAME).write_text(fault + "\n")
+    before = digest_outside(image, data_range)
+    if armed:
+        result = _run_stage2_in_vm(image, numbers, flasher_mount=True)
+        assert result.exit_code not in (0, None), result.output[-3000:]
+        output = result.output
+    else:
+        with attached(image) as dev, mounted(f"{dev.device}p{numbers['flash-rootA']}",
+                                             tmp_path / "rootA") as root:
+            finished, marker = run_stage2_on_host(dev.device, root, tmp_path)
+        assert marker.exists(), "the reboot command was not called"
+        assert finished.returncode != 0
+        output = finished.stderr
+    assert "stopped (SIGTERM) in the" in output, output[-3000:]
+    # every byte outside flash-data as stage 1 left it: sector 0 too
+    assert read_range(image, 0, 512) == sector0
+    assert digest_outside(image, data_range) == before
+    with attached(image) as dev:
+        with mounted(f"{dev.device}p{numbers['flash-data']}", tmp_path / "data") as data_dir:
+            log = (data_dir / STAGE2_NAMES.LOG_NAME).read_text()
+            journal = (data_dir / STAGE2_NAMES.JOURNAL_NAME).read_text().splitlines()
+        assert f"fault point {fault.split()[0]}: hanging (injected, 1 of 1)" in log
+        assert "guard: no end of the" in log and "(limit 12 s): rebooting" in log
+        assert ("sector 0 restored: the next boot is the previous system's GRUB" in log) == armed
+        assert ("phase arm-boot done" in journal) is False and "writing" not in journal
+        assert "stopped in its {} phase".format(
+            "arm-boot" if armed else "checks") in _status(dev, synthetic_bundle)
 
 
 def _run_stage2_in_vm(image: Path, numbers: dict[str, int], flasher_mount: bool):

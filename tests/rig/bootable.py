@@ -261,6 +261,7 @@ def boot(
     autorun: str | None = None,
     timeout: float = 900,
     until: str | None = None,
+    cut: imaging.Cut | None = None,
     extra_disks: Sequence[Path] = (),
     memory_mib: int = 1024,
     log_dir: Path | None = None,
@@ -269,6 +270,7 @@ def boot(
     line contains until, or timeout seconds have passed; see the module docstring.
 
     autorun: a bash script for resin-migrate-autorun.service (fw_cfg opt/autorun).
+    cut: where to cut the power (tests.imaging.Cut): QEMU killed, reason "cut".
     extra_disks: more IDE disks (/dev/sdb...), at most MAX_EXTRA_DISKS.
     log_dir: keep serial0.log, serial1.log and qemu.log there (default: a temporary
     directory, removed).
@@ -283,5 +285,5 @@ def boot(
             script.write_text(autorun)
             fw_cfg[_FW_SCRIPT] = script
         drives = [Drive(Path(d)) for d in (disk, *extra_disks)]
-        return imaging.boot(drives, timeout=timeout, until=until, log_dir=log_dir,
+        return imaging.boot(drives, timeout=timeout, until=until, cut=cut, log_dir=log_dir,
                             fw_cfg=fw_cfg, memory_mib=memory_mib)

@@ -23,8 +23,11 @@ root with a private, udev-like /dev holding ``/dev/disk/by-uuid/ROOT_UUID``, so 
 ``linux`` lines say ``root=UUID=ROOT_UUID`` as on an installed system. (Run with the
 host's /dev bound, as the runtime does, update-grub writes ``root=/dev/loopNpM``: the
 host has no udev and no ``/dev/disk``.) grub.cfg carries no ``--hint`` lines (grub-probe
-finds no BIOS drive for a loop device), and no GRUB is installed in the MBR or in
-``/boot/grub/i386-pc``: that is the VM rig's business.
+finds no BIOS drive for a loop device). GRUB's boot code is in the MBR and a core.img in
+the gap before p1, as grub-install leaves them (this host's boot.img and grub-mkimage,
+prefix ``(hd0,msdos1)/boot/grub``): the runtime refuses a disk whose MBR does not start
+GRUB. ``/boot/grub/i386-pc`` stays empty, so these disks do not boot: installing GRUB for
+real is the VM rig's business (tests.rig.bootable).
 
 All of it needs root: loop devices, partx, mount, chroot.
 """
@@ -46,7 +49,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.imaging import MKE2FS_CONF, cached, key
+from tests.imaging import MKE2FS_CONF, cached, grub_boot_code, key, write_at
 from tests.rig import CommandError, RigError, run
 from tests.rig.rootfs import debian_rootfs, mounts_below, rootfs_key, unmount_below, unpack
 
@@ -485,6 +488,10 @@ def make_legacy_image(path: Path, spec: LegacySpec = LegacySpec()) -> None:
     with open(path, "wb") as f:
         f.truncate(spec.disk_mib * MiB)
     run(["sfdisk", "--no-reread", "--no-tell-kernel", path], stdin=sfdisk_script(spec))
+    with tempfile.TemporaryDirectory(prefix="legacy-grub-") as tmp:
+        boot_img, core_img = grub_boot_code(Path(tmp), prefix="(hd0,msdos1)/boot/grub")
+    write_at(path, 0, boot_img[:440])     # disk identifier and table stay
+    write_at(path, SECTOR, core_img)
     with tempfile.TemporaryDirectory(prefix="legacy-build-") as tmp, attached(path, spec) as dev:
         env = _mkfs_env(Path(tmp))
         argv = ["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-U", ROOT_UUID, dev.root]

@@ -39,6 +39,7 @@ from tests.rig.bootimages import (
     resinos_grub_cfg,
     sparse_copy,
 )
+from tests.tools import read_range
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -334,9 +335,15 @@ def _disk_after_stage1(bundle: Path, disk: Path, backup: bytes, tmp: Path) -> No
     """What stage 1 leaves, without a legacy system: the flash partitions written from the
     bundle's streams after the area the resinOS image takes; in the first 4 MiB a GRUB whose
     config is the one-shot entry stage 1 installs (runtime.grub.entry_script) for
-    flash-rootA's filesystem; flash-data holding stage2.env (runtime/stage2env.py) and
+    flash-rootA's filesystem; in the MiB before flash-boot the flasher's own core.img, made
+    by runtime.bootcore with this host's GRUB as stage 1 makes it with the device's;
+    flash-data holding stage2.env (runtime/stage2env.py), the armed sector 0 and
     backup.tgz."""
+    from runtime import bootcore
+    from runtime.grub import Chroot
+    from runtime.plan import CORE_SECTORS
     from runtime.stage2env import render, stage2_values
+    from runtime.stage2names import ARMED_MBR_NAME, GUARD_TIMEOUT
 
     manifest = Manifest.from_dict(json.loads((bundle / "manifest.json").read_text()))
     sizes = {part.label: part.size // SECTOR for part in manifest.partitions}
@@ -372,11 +379,22 @@ def _disk_after_stage1(bundle: Path, disk: Path, backup: bytes, tmp: Path) -> No
     subprocess.run(["mcopy", "-o", "-i", flash_boot, str(tmp / "grub.cfg"), "::/grub/grub.cfg"],
                    check=True, env=MTOOLS_ENV)
 
+    core_start = boot_start - CORE_SECTORS
+    with Chroot("/") as host:
+        core = bootcore.place_core(bootcore.make_core(host, "/", manifest.boot, root_uuid),
+                                   core_start)
+    imaging.write_at(disk, core_start * SECTOR, core)
+    armed = bootcore.armed_mbr(Path("/", bootcore.GRUB_DIR, "boot.img").read_bytes(),
+                               read_range(disk, 0, SECTOR), core_start)
+
     staging = tmp / "flash-data"
     staging.mkdir()
     (staging / "backup.tgz").write_bytes(backup)
-    values = stage2_values(manifest, types.SimpleNamespace(protected_start=boot_start), total,
-                           len(backup), _sha256(backup))
+    (staging / ARMED_MBR_NAME).write_bytes(armed)
+    core_facts = {"core_start": core_start, "core_sectors": len(core) // SECTOR,
+                  "core_sha256": _sha256(core), "armed_mbr_sha256": _sha256(armed)}
+    values = stage2_values(manifest, types.SimpleNamespace(protected_start=core_start), total,
+                           len(backup), _sha256(backup), core_facts, GUARD_TIMEOUT)
     (staging / "stage2.env").write_text(render(values))
     fs = tmp / "flash-data.img"
     imaging.run(["mkfs.ext4", "-q", "-F", "-L", "flash-data", "-d", staging, fs,
