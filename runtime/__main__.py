@@ -191,8 +191,15 @@ def cmd_stage1(args):
 
 
 def cmd_rollback(args):
-    from .rollback import rollback
-    rollback(args.sysroot)
+    from .errors import MigrateError
+    from .rollback import RollbackError, rollback
+    try:
+        rollback(args.sysroot)
+    except RollbackError:
+        raise
+    except MigrateError as exc:     # a tool failed half-way: still a failed rollback (12)
+        raise RollbackError("rollback stopped: {}\nThe state file is kept: run rollback "
+                            "again, it repeats every step".format(exc)) from exc
     return 0
 
 

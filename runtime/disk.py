@@ -214,12 +214,54 @@ def tell_kernel(disk, table):
     wanted = dict((part.number, (part.start, part.size)) for part in table.partitions)
     for number in sorted(current, reverse=True):
         if number not in wanted or _differs(current[number], wanted[number], number, table):
-            run(["partx", "--delete", "--nr", str(number), disk])
+            _delete_partition(disk, number)
     current = kernel_partitions(disk)
     for number in sorted(wanted):
         if number not in current:
             run(["partx", "--add", "--nr", str(number), disk])
     _wait_for_nodes(disk, table)
+
+
+def _delete_partition(disk, number, tries=10):
+    # type: (str, int, int) -> None
+    """partx --delete, tried again for a few seconds: right after a filesystem on the
+    partition is unmounted (the journal replayed by `status`'s read-only mount, say), udev
+    probes it again and holds it open for a moment, and the kernel answers EBUSY."""
+    from .errors import CommandError
+    from .run import which
+    for attempt in range(1, tries + 1):
+        try:
+            run(["partx", "--delete", "--nr", str(number), disk])
+            return
+        except CommandError as exc:
+            if attempt == tries:
+                raise DiskError("the kernel keeps partition {} of {} in use ({}); {}".format(
+                    number, disk, str(exc).splitlines()[0], _users(partition_path(
+                        disk, number)))) from exc
+        if which("udevadm"):
+            run(["udevadm", "settle", "--timeout=5"], check=False)
+        time.sleep(0.2 * attempt)
+
+
+def _users(node):
+    # type: (str) -> str
+    """What holds a partition: mounts, swap, device-mapper or md holders, as a sentence."""
+    found = []
+    real = os.path.realpath(node)
+    for path, column in (("/proc/mounts", 0), ("/proc/swaps", 0)):
+        try:
+            with open(path) as handle:
+                for line in handle.read().splitlines():
+                    fields = line.split()
+                    if fields and os.path.realpath(fields[column]) == real:
+                        found.append("{} in {}".format(line.strip(), path))
+        except EnvironmentError:
+            continue
+    holders = os.path.join("/sys/class/block", os.path.basename(real), "holders")
+    if os.path.isdir(holders) and os.listdir(holders):
+        found.append("held by " + ", ".join(sorted(os.listdir(holders))))
+    return ("it is " + "; ".join(found) + ": stop that, then run the command again") \
+        if found else "nothing seems to hold it: run the command again in a moment"
 
 
 def _differs(seen, wanted, number, table):

@@ -135,7 +135,7 @@ def read_probe(chroot, sysroot, bundle, stream, boot):
         try:
             write_stream(bundle.stream_location(stream.file), stream.compression, image,
                          stream.raw_size, stream.raw_sha256, sha256=stream.sha256,
-                         size=stream.size, reader=reader)
+                         size=stream.size, reader=reader, quiet=True)
         finally:
             if reader is not None:
                 reader.close()

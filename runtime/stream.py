@@ -61,8 +61,8 @@ class DecompressorError(StreamError, CommandError):
 
 
 def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None, size=None,
-                 progress=None, chunk=CHUNK, reader=None):
-    # type: (str, str, str, int, str, Optional[str], Optional[int], Optional[Callable[[int, int], None]], int, Optional[Any]) -> None  # noqa: E501
+                 progress=None, chunk=CHUNK, reader=None, quiet=False):
+    # type: (str, str, str, int, str, Optional[str], Optional[int], Optional[Callable[[int, int], None]], int, Optional[Any], bool) -> None  # noqa: E501
     """Decompress `source` onto `target` (a block device or a regular file) from offset 0.
 
     compression is 'gzip' (zlib, several concatenated members allowed) or 'zstd' (a
@@ -74,7 +74,8 @@ def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None,
     progress(done_bytes, raw_size) is called at most about once a second, and at the end.
     reader, when given, is an open file-like object (read(n), a context manager) to read
     the compressed bytes from instead of opening the file `source` (then only a name in
-    messages): a download (fetch.RemoteFile), hashed and checked the same way.
+    messages): a download (fetch.RemoteFile), hashed and checked the same way. quiet: what
+    is written and its hash go to the log file only (a scratch copy, not a partition).
 
     Raises StreamError on any mismatch (after a decompression failure, the compressed
     file is hashed again so the message says whether the bundle file itself is damaged),
@@ -103,9 +104,11 @@ def write_stream(source, compression, target, raw_size, raw_sha256, sha256=None,
                     "damaged: copy it again. Nothing was written to {}.".format(
                         source, actual, size, target))
         fd = _open_target(target, raw_size)
-        log.info("writing %s (%s) onto %s: %d bytes", source, compression, target, raw_size)
+        level = logging.DEBUG if quiet else logging.INFO
+        log.log(level, "writing %s (%s) onto %s: %d bytes", source, compression, target,
+                raw_size)
         try:
-            writer = _Writer(fd, target, raw_size, chunk, progress)
+            writer = _Writer(fd, target, raw_size, chunk, progress, level)
             try:
                 if compression == "gzip":
                     digest, count = _inflate_gzip(src, source, writer)
@@ -227,8 +230,9 @@ class _Writer(object):
     """Collects raw output into one aligned buffer, writes it out full, hashes it, and
     refuses output past raw_size before it reaches the target."""
 
-    def __init__(self, fd, target, raw_size, chunk, progress):
-        # type: (int, str, int, int, Optional[Callable[[int, int], None]]) -> None
+    def __init__(self, fd, target, raw_size, chunk, progress, level=logging.INFO):
+        # type: (int, str, int, int, Optional[Callable[[int, int], None]], int) -> None
+        self.level = level          # of the message saying what was written
         self.fd = fd
         self.target = target
         self.raw_size = raw_size
@@ -311,8 +315,8 @@ class _Writer(object):
                 "bundle was built with: rebuild or copy the bundle again".format(
                     self.written, actual, raw_sha256, self.target))
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        log.info("wrote %d bytes to %s, sha256 %s (%.0f MB/s)", self.written, self.target,
-                 actual, self.written / elapsed / 1e6)
+        log.log(self.level, "wrote %d bytes to %s, sha256 %s (%.0f MB/s)", self.written,
+                self.target, actual, self.written / elapsed / 1e6)
         if self.progress is not None:
             self.progress(self.written, self.raw_size)
 

@@ -81,7 +81,7 @@ def instants(inner: InnerImage | None) -> dict[str, Instant]:
     body = inner.stream_size - HEAD_BYTES if inner else 0   # what the body write writes
 
     def at(fraction: float) -> Cut:
-        return Cut("point of no return", written=int(body * fraction))
+        return Cut("point of no return: writing", written=int(body * fraction))
 
     # every write of every body extent corrupted through one boot's tries: that boot gives
     # up and reboots, the next one finds the extents wrong and writes them again
@@ -96,9 +96,10 @@ def instants(inner: InnerImage | None) -> dict[str, Instant]:
         Instant("flasher: kernel booting", Cut("Linux version", nth=2)),
         Instant("flasher: stage 2 starting", Cut(STAGE2_START)),
         Instant("stage 2: checks (image hash)", Cut("checking the sha256 of")),
-        Instant("stage 2: checks passed", Cut("all checks passed")),
+        # (stage 1's `check` also says "all checks passed": stage 2's own line)
+        Instant("stage 2: checks passed", Cut("phase checks: done")),
         Instant("stage 2: sector 0 armed", Cut("every boot reaches the flasher")),
-        Instant("stage 2: body write 0%", Cut("point of no return")),
+        Instant("stage 2: body write 0%", Cut("point of no return: writing")),
         Instant("stage 2: body write 25%", at(0.25)),
         Instant("stage 2: body write 50%", at(0.5), default=True),
         Instant("stage 2: body write 90%", at(0.9)),

@@ -288,6 +288,44 @@ def test_interrupted_stage1_rolls_back(device: Device, killed_after: str) -> Non
     assert next_entry(device.sysroot) is None
 
 
+@pytest.mark.parametrize("held", [1.5, None], ids=["held-a-moment", "held-throughout"])
+def test_rollback_waits_for_a_partition_in_use_a_moment(device: Device,
+                                                        held: float | None) -> None:
+    """A new partition held open (as udev's probe holds one right after an unmount):
+    rollback tries the kernel's deletion again for a while; held throughout, it fails
+    with exit 12 and names the partition, and a later rollback completes."""
+    import threading
+
+    before = {p["node"] for p in sfdisk_json(Path(device.disk))["partitions"]}
+    killed = device.runtime("stage1", "--yes", env={"RESIN_MIGRATE_KILL_AFTER": "partition"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    new = sorted(p["node"] for p in sfdisk_json(Path(device.disk))["partitions"]
+                 if p["node"] not in before)
+    node = new[-1]      # sfdisk names a loop device's partitions /dev/loopNpM
+    handle = os.open(node, os.O_RDONLY)
+    release = threading.Timer(held, os.close, [handle]) if held else None
+    if release:
+        release.start()
+    try:
+        rolled = device.runtime("rollback")
+    finally:
+        if release:
+            release.join()
+        else:
+            os.close(handle)
+    if held:
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        log = (device.sysroot / "var/log/resin-migrate.log").read_text()
+        number = node[len(device.disk) + 1:]
+        assert log.count(f"partx --delete --nr {number} {device.disk}") >= 2, log[-3000:]
+        return
+    assert rolled.returncode == 12, rolled.stdout + rolled.stderr
+    assert f"the kernel keeps partition {node[len(device.disk) + 1:]} of {device.disk} in " \
+           "use" in rolled.stderr and "run rollback again" in rolled.stderr
+    again = device.runtime("rollback")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
 def test_interrupted_stage1_resumes(device: Device) -> None:
     killed = device.runtime("stage1", "--yes",
                             env={"RESIN_MIGRATE_KILL_AFTER": "write:flash-boot"})

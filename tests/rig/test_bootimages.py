@@ -308,7 +308,7 @@ def test_build_flasher_repacks_it_small_enough(bundle: Path) -> None:
         "flash-rootA", "/boot/bzImage", "/boot/initrd")
     assert boot["cmdline"].split() == [
         "root=LABEL=flash-rootA", "flasher", "rootwait", "vt.global_cursor_default=0",
-        "consoleblank=0", "console=ttyS0,115200n8", "console=tty0"]
+        "consoleblank=0", "console=ttyS0,115200n8", "console=tty0", "panic=10"]
     assert manifest["flasher"]["shape"] == "2.113"
     assert manifest["flasher"]["release"] == FLASHER_RELEASE.version
 
