@@ -24,10 +24,8 @@ point of no return, and resinOS's own sector 0 last of all.
 import hashlib
 import os
 import struct
-import tempfile
 
 from .errors import MigrateError
-from .system import in_root
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
@@ -82,22 +80,15 @@ def make_core(chroot, sysroot, boot, fs_uuid):
     # type: (Chroot, str, Boot, str) -> bytes
     """core.img by the device's grub-mkimage (in its root: sysroot), the early configuration
     embedded."""
-    scratch = tempfile.mkdtemp(prefix="resin-migrate-core-", dir=in_root(sysroot, "tmp"))
-    inside = "/" + os.path.relpath(scratch, in_root(sysroot, "")).strip("/")
-    try:
-        with open(os.path.join(scratch, "early.cfg"), "w") as handle:
+    from .grub import Scratch
+    with Scratch(sysroot) as scratch:
+        with open(scratch.path("early.cfg"), "w") as handle:
             handle.write(early_config(boot, fs_uuid))
         chroot.run(["grub-mkimage", "-O", "i386-pc", "-d", "/" + GRUB_DIR,
-                    "-c", inside + "/early.cfg", "-p", "(hd0)/", "-o", inside + "/core.img"]
-                   + list(MODULES))
-        with open(os.path.join(scratch, "core.img"), "rb") as handle:
+                    "-c", scratch.inside(scratch.path("early.cfg")), "-p", "(hd0)/",
+                    "-o", scratch.inside(scratch.path("core.img"))] + list(MODULES))
+        with open(scratch.path("core.img"), "rb") as handle:
             return handle.read()
-    finally:
-        for name in ("early.cfg", "core.img"):
-            path = os.path.join(scratch, name)
-            if os.path.exists(path):
-                os.unlink(path)
-        os.rmdir(scratch)
 
 
 def place_core(core, start):

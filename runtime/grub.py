@@ -105,7 +105,7 @@ def check_kernel_readable(chroot, sysroot, disk, number, boot):
     # the partition was written through its own device node: the whole disk's buffer cache
     # may still hold what those sectors held before
     run(["blockdev", "--flushbufs", disk])
-    with _Scratch(sysroot) as scratch:
+    with Scratch(sysroot) as scratch:
         try:
             found = scratch.fstest_copy(chroot, disk, source)
         except CommandError as exc:
@@ -129,7 +129,7 @@ def read_probe(chroot, sysroot, bundle, stream, boot):
     is touched."""
     from .errors import CommandError
     from .stream import write_stream
-    with _Scratch(sysroot) as scratch:
+    with Scratch(sysroot) as scratch:
         image = scratch.path("probe.img")
         reader = bundle.open_stream(stream)
         try:
@@ -163,9 +163,10 @@ def _last_line(exc):
     return lines[-1] if lines else str(exc)
 
 
-class _Scratch(object):
-    """A private directory for grub-fstest's inputs and outputs, in RAM where the system
-    has /dev/shm (inside the chroot, the bound /dev's), else in its /tmp."""
+class Scratch(object):
+    """A private directory for the inputs and outputs of GRUB's tools run in the chroot
+    (grub-fstest, grub-mkimage), in RAM where the system has /dev/shm (inside the chroot,
+    the bound /dev's), else in its /tmp."""
 
     def __init__(self, sysroot):
         # type: (str) -> None
@@ -173,7 +174,7 @@ class _Scratch(object):
         self.directory = ""
 
     def __enter__(self):
-        # type: () -> _Scratch
+        # type: () -> Scratch
         shm = in_root(self.sysroot, "dev/shm")
         self.directory = tempfile.mkdtemp(
             prefix="resin-migrate-fstest-",
