@@ -43,4 +43,23 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
+
+# The runtime's tests also run on the oldest CPython pyenv holds (tasks.py OLD_PYTHON and
+# OLD_VENV): a second venv with the last pytest for 3.6 (and the dataclasses backport the
+# test helpers use); runtime/ itself needs nothing. pyenv cannot build one without the
+# network, so a machine without it only gets a warning (and 'invoke test' skips those runs,
+# except with CI=true).
+OLD_PYTHON_VERSION=3.6.15
+PYENV_ROOT=${PYENV_ROOT:-$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")}
+old_python="$PYENV_ROOT/versions/$OLD_PYTHON_VERSION/bin/python3"
+if [ -x "$old_python" ]; then
+    if [ ! -x .venv-py36/bin/python ]; then
+        "$old_python" -m venv .venv-py36
+    fi
+    .venv-py36/bin/python -m pip install -q --upgrade 'pip<22'
+    .venv-py36/bin/python -m pip install -q 'pytest>=7.0,<7.1' 'dataclasses==0.8'
+else
+    echo "setup.sh: warning: no Python $OLD_PYTHON_VERSION at $old_python: 'invoke test'" \
+        "cannot run the runtime's tests on it (pyenv install $OLD_PYTHON_VERSION)" >&2
+fi
 echo "setup.sh: ready. Run the tests with: .venv/bin/invoke test"

@@ -156,10 +156,12 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     print(result.summary())
 
 
-@task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), all "
-                        "(default: those five), matrix (every release row of "
-                        "tests/releases.py, one migration each) or powercut (power cuts and "
-                        "hangs at every instant of a migration, tests/powercut.py)",
+@task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), "
+                        "oldtools (p1 at sector 63, logical swap, no sfdisk or lsblk in the "
+                        "guest, stage 1 under LANG=C), all (default: those six), matrix "
+                        "(every release row of tests/releases.py, one migration each) or "
+                        "powercut (power cuts and hangs at every instant of a migration, "
+                        "tests/powercut.py)",
             "rows": "with --scenario matrix: the release rows to migrate, comma-separated "
                     "(default: all)",
             "instants": "with --scenario powercut: the instants to run, by name, separated "
@@ -174,11 +176,18 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
     import tempfile
 
     sys.path.insert(0, str(ROOT))
-    from tests.e2e import E2EError, StaticNetwork, fallback, migrate
+    from tests.e2e import (
+        OLDTOOLS_SPEC,
+        E2EError,
+        StaticNetwork,
+        fallback,
+        migrate,
+        table_text,
+    )
     from tests.rig.bootimages import OLDER_RELEASE
     from tests.rig.legacy import LegacySpec, SwapPlacement
 
-    scenarios = ["primary", "logical", "fallback", "static", "older"]
+    scenarios = ["primary", "logical", "fallback", "static", "older", "oldtools"]
     if scenario not in (*scenarios, "all", "matrix", "powercut"):
         raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)}, "
                    "all, matrix or powercut", code=2)
@@ -203,6 +212,14 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
                 migrated = migrate(LegacySpec(), work, release=OLDER_RELEASE)
                 print(f"{name}: migrated with the {OLDER_RELEASE.name} flasher in "
                       f"{time.monotonic() - started:.0f} s\n{migrated.summary()}")
+            elif name == "oldtools":
+                migrated = migrate(OLDTOOLS_SPEC, work, old_tools=True)
+                said = [line for _, line in migrated.boot.serial1
+                        if line.startswith(("E2E tool ", "E2E locale", "E2E python3"))]
+                print(f"{name}: migrated in {time.monotonic() - started:.0f} s; "
+                      f"{'; '.join(said)}\n  legacy table: "
+                      f"{table_text(migrated.tables['legacy'])}\n  final table: "
+                      f"{table_text(migrated.tables['final'])}\n{migrated.summary()}")
             elif name == "static":
                 migrated = migrate(LegacySpec(), work, network=StaticNetwork())
                 print(f"{name}: migrated in {time.monotonic() - started:.0f} s; resin-boot "
@@ -322,10 +339,138 @@ def bench(c, repeat=3, build_repeat=1, json=None, only="build,final,stage1,memor
         raise Exit(code=code)
 
 
-@task(help={"args": "extra pytest arguments, e.g. '-k formats' or '-m loop'"})
-def test(c, args=""):
-    """Run the test suite (unit tests; loop and VM tests run when the machine allows)."""
-    c.run(f"{sys.executable} -m pytest {args}", pty=False)
+# The runtime's own tests run twice more: on the oldest CPython pyenv holds here (Ubuntu
+# 18.04's generation; its virtualenv with pytest is made by setup.sh), and under the C
+# locale with UTF-8 mode off, as services and cron jobs run it (Python before 3.7 then
+# reads and writes ASCII; PYTHONUTF8=0 makes a newer one do the same).
+OLD_PYTHON = "3.6.15"
+OLD_VENV = ROOT / ".venv-py36"
+C_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+# The files whose tests import runtime/ in-process and load on Python 3.6 through
+# tests/oldpython.py; their tests that need a bundle are deselected there (the builder
+# needs 3.9). Not here: test_layout, test_blockmap, test_bootcfg, test_release,
+# test_formats and test_build* import builder/ (3.8 syntax, pyparted); test_tools reads the
+# runtime's sources with the ast of 3.8 and later; test_stage1 and test_stage2 need a bundle
+# in every test (a few of them below, through the zipapp).
+RUNTIME_UNIT_TESTS = ("tests/test_locale.py", "tests/test_manifest.py", "tests/test_plan.py",
+                      "tests/test_mbr.py", "tests/test_preflight.py", "tests/test_stream.py",
+                      "tests/test_network.py", "tests/test_download.py",
+                      "tests/test_stage2_names.py")
+# A representative few of the loop-device tests that run the zipapp with
+# RESIN_MIGRATE_TEST_PYTHON (all of them take about 15 minutes; these about 2): the whole
+# of stage 1 and rollback on the logical-swap layout (Ubuntu's default), a resumed stage 1
+# (the state file), check and stage1 refusing (every check's output), the network carried
+# into flash-data, and a bundle fetched over HTTPS (the old ssl module).
+RUNTIME_ZIPAPP_TESTS = ("tests/test_stage1.py::test_stage1_then_rollback[logical]",
+                        "tests/test_stage1.py::test_interrupted_stage1_resumes",
+                        "tests/test_stage1.py::test_refusals_change_nothing[corrupt-stream]",
+                        "tests/test_network.py::test_stage1_writes_keyfiles_to_flash_data",
+                        "tests/test_download.py::test_stage1_from_https")
+
+
+def _pyenv_root() -> Path:
+    import shutil
+    import subprocess
+
+    if os.environ.get("PYENV_ROOT"):
+        return Path(os.environ["PYENV_ROOT"])
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        found = subprocess.run([pyenv, "root"], capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip():
+            return Path(found.stdout.strip())
+    return Path.home() / ".pyenv"
+
+
+def _counts(output: str) -> str:
+    """pytest's closing counts ('171 passed, 14 deselected'), from its output."""
+    import re
+
+    for line in reversed(output.splitlines()):
+        match = re.search(r"((?:\d+ \w+)(?:, \d+ \w+)*|no tests ran) in [\d.]+s", line)
+        if match:
+            return match.group(1)
+    return "no pytest summary"
+
+
+def _runtime_runs(c) -> tuple[list[str], list[str]]:
+    """The runtime's tests on OLD_PYTHON and under C_LOCALE: (a line per run, failures)."""
+    import shlex
+    import shutil
+    import tempfile
+
+    old_python = _pyenv_root() / "versions" / OLD_PYTHON / "bin" / "python3"
+    old_venv = OLD_VENV / "bin" / "python"
+    lines: list[str] = []
+    failed: list[str] = []
+    # (what, the python running the unit tests, the one running the zipapp or "", env)
+    runs: list[tuple[str, str, str, dict[str, str]]] = []
+    if old_python.exists() and old_venv.exists():
+        runs.append((f"Python {OLD_PYTHON}", str(old_venv), str(old_python), {}))
+        runs.append((f"Python {OLD_PYTHON}, LC_ALL=C PYTHONUTF8=0", str(old_venv),
+                     str(old_python), C_LOCALE))
+    else:
+        missing = f"{old_python} is missing" if not old_python.exists() else \
+            f"{old_venv} is missing (./setup.sh makes it)"
+        if os.environ.get("CI", "").lower() == "true":
+            failed.append(f"Python {OLD_PYTHON}")
+            lines.append(f"Python {OLD_PYTHON}: FAILED: CI=true and {missing}")
+        else:
+            lines.append(f"Python {OLD_PYTHON}: skipped: {missing}")
+        runs.append(("LC_ALL=C PYTHONUTF8=0", sys.executable, "", C_LOCALE))
+    for what, python, device_python, env in runs:
+        print(f"\ntest: the runtime's tests, {what}", flush=True)
+        work = Path(tempfile.mkdtemp(prefix="resin-migrate-test-"))
+        ok = True
+        for part, argv, extra in (
+                ("unit", [python, "-m", "pytest", "-p", "tests.oldpython",
+                          "-W", "ignore:Unknown config option", *RUNTIME_UNIT_TESTS], {}),
+                ("zipapp", [sys.executable, "-m", "pytest", *RUNTIME_ZIPAPP_TESTS],
+                 {"RESIN_MIGRATE_TEST_PYTHON": device_python} if device_python else {})):
+            argv += ["-q", "-p", "no:cacheprovider", "--basetemp", str(work / part)]
+            with c.cd(str(ROOT)):
+                result = c.run(" ".join(shlex.quote(arg) for arg in argv), pty=False,
+                               warn=True, env={**env, **extra})
+            lines.append(f"{what}, {part} tests: {_counts(result.stdout)}"
+                         f"{'' if result.ok else ' (FAILED)'}")
+            ok = ok and result.ok
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            failed.append(what)
+            lines.append(f"  (the failed tests' directories are under {work})")
+    return lines, failed
+
+
+@task(help={"args": "extra pytest arguments, e.g. '-k formats' or '-m loop'",
+            "runtime": "first, the runtime's tests on Python 3.6.15 and under LC_ALL=C "
+                       "PYTHONUTF8=0 (default; --no-runtime skips them)",
+            "runtime_only": "only those runs, not the whole suite"})
+def test(c, args="", runtime=True, runtime_only=False):
+    """Run the test suite (unit tests; loop and VM tests run when the machine allows).
+
+    Before it, the runtime's own tests (RUNTIME_UNIT_TESTS in-process, RUNTIME_ZIPAPP_TESTS
+    through the zipapp) on Python 3.6.15 and again under LC_ALL=C PYTHONUTF8=0, each run's
+    counts printed; any failure fails the task. A missing 3.6.15 is skipped with a line,
+    and fails with CI=true.
+    """
+    lines: list[str] = []
+    failed: list[str] = []
+    if runtime or runtime_only:
+        started = time.monotonic()
+        lines, failed = _runtime_runs(c)
+        print(f"\ntest: the runtime's tests in {time.monotonic() - started:.0f} s:\n  "
+              + "\n  ".join(lines), flush=True)
+        if runtime_only:
+            if failed:
+                raise Exit(f"test: the runtime's tests failed: {', '.join(failed)}", code=1)
+            return
+    result = c.run(f"{sys.executable} -m pytest {args}", pty=False, warn=True)
+    if failed:
+        raise Exit(f"test: the runtime's tests failed: {', '.join(failed)} (the counts are "
+                   "printed before the suite's)", code=1)
+    if not result.ok:
+        raise Exit(code=result.exited)
 
 
 @task

@@ -22,8 +22,15 @@ from .errors import OptionError
 
 RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# The first module the zipapp runs: it must parse on Python 2.7 and 3.3 too, so that an
+# old interpreter is refused with a sentence (runtime/stdlib.py) instead of a SyntaxError
+# from the runtime's own modules.
 PYZ_MAIN = b"""\
 import sys
+
+from runtime.stdlib import require_python
+
+require_python()
 
 from runtime.__main__ import main
 

@@ -3,8 +3,9 @@
 import os
 import sys
 
-from .stdlib import require_modules
+from .stdlib import require_modules, require_python
 
+require_python()
 require_modules()
 
 import argparse  # noqa: E402  (after the check, which names a missing module clearly)
@@ -21,7 +22,8 @@ exit codes:
   2   usage error (bad command line)
   3   manifest.json missing, malformed or failing validation
   4   a bundle file is missing or does not match its sha256 in the manifest
-  5   this Python lacks standard modules the runtime needs (the message names the package)
+  5   this Python cannot run the runtime: older than 3.4, or lacking standard modules it
+      needs (the message names the package)
   6   an external tool is missing or failed (the message names it)
   7   a file of the bundle could not be downloaded from --bundle-url (network, HTTP error,
       certificate not accepted), after the retries
@@ -97,29 +99,34 @@ def _plan_lines(preflight):
     layout = target.layout
     manifest = target.manifest
     disk = target.disk
+    from .plan import describe
     from .system import partition_path
+    swap = partition_path(disk, target.swap.number)
     lines = [
         "1. run the backup script, if given, into an empty directory; pack it as backup.tgz",
         "2. record the partition table of {} and the swap signature of {} (UUID {}, LABEL "
-        "{}) in /var/lib/resin-migrate".format(disk, target.swap.node,
+        "{}) in /var/lib/resin-migrate".format(disk, swap,
                                               target.swap_probe.get("UUID", "-"),
                                               target.swap_probe.get("LABEL", "-")),
-        "3. swapoff {}".format(target.swap.node),
+        "3. swapoff {}".format(swap),
         "4. comment out the swap line of /etc/fstab ({}); keep a copy".format(
             target.fstab_swap.spec if target.fstab_swap else "no line names it"),
-        "5. replace {} (sectors {}-{}) with:".format(target.swap.node, target.swap.start,
+        "5. replace {} (sectors {}-{}) with:".format(swap, target.swap.start,
                                                    target.swap.end - 1),
     ]
     if layout.new_extended is not None:
         lines.append("     {} extended, sectors {}-{}".format(
-            layout.new_extended.node, layout.new_extended.start, layout.new_extended.end - 1))
+            partition_path(disk, layout.new_extended.number), layout.new_extended.start,
+            layout.new_extended.end - 1))
     for flash in layout.flash:
+        stream = describe(flash, manifest)["stream"]
         lines.append("     {} {:<12} {:<5} sectors {}-{} ({} MiB){}".format(
             partition_path(disk, flash.number), flash.label, flash.fs, flash.start,
             flash.end - 1, flash.size * 512 >> 20,
-            ", from " + flash.stream if flash.stream else ", formatted empty"))
+            ", from " + stream if stream else ", formatted empty"))
     lines += [
-        "   and tell the kernel with partx (the root partition stays mounted)",
+        "   writing sector 0 and the extended boot records itself, and tell the kernel of "
+        "each changed partition (BLKPG; the root partition stays mounted)",
         "6. {} each stream onto its partition, read it back with O_DIRECT, compare "
         "sha256".format("download from {} and write".format(preflight.target.bundle)
                         if getattr(preflight.target.bundle, "remote", False) else "write"),
@@ -148,9 +155,14 @@ def cmd_plan(args):
         sys.stderr.write("no plan: the checks above failed ('check' shows all of them)\n")
         return 10
     if args.json:
+        from .plan import describe
+        from .system import partition_path
         layout = preflight.target.layout
-        print(json.dumps({"disk": preflight.target.disk, "swap": preflight.target.swap.node,
-                          "partitions": [flash.to_dict() for flash in layout.flash],
+        manifest = preflight.target.manifest
+        print(json.dumps({"disk": preflight.target.disk,
+                          "swap": partition_path(preflight.target.disk,
+                                                 preflight.target.swap.number),
+                          "partitions": [describe(flash, manifest) for flash in layout.flash],
                           "protected_start": layout.protected_start,
                           "network": preflight.target.network.to_dict()
                           if preflight.target.network is not None else None,
@@ -326,6 +338,7 @@ def build_parser():
 
 
 def main(argv=None):
+    log.tolerant_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     log.setup(verbose=args.verbose)

@@ -8,6 +8,7 @@ import os
 import tarfile
 
 from .errors import MigrateError
+from .files import ENCODING, ERRORS
 from .run import run
 
 BACKUP_NAME = "backup.tgz"
@@ -31,7 +32,8 @@ def capture(script, workdir):
         raise BackupError("the backup script {} failed (exit code {}): {}".format(
             script, result.returncode, (result.stderr or result.stdout).strip()[-1000:]))
     archive = os.path.join(workdir, BACKUP_NAME)
-    with tarfile.open(archive, "w:gz") as tar:
+    # member names in UTF-8 whatever the locale; one that is not keeps its bytes (files.py)
+    with tarfile.open(archive, "w:gz", encoding=ENCODING, errors=ERRORS) as tar:
         for name in sorted(os.listdir(output)):
             tar.add(os.path.join(output, name), arcname=name)
     _remove_tree(output)

@@ -21,11 +21,12 @@ Stage 2 writes that sector 0 (one sector, after saving the one it replaces) just
 point of no return, and resinOS's own sector 0 last of all.
 """
 
-import hashlib
 import os
 import struct
 
+from .blockdev import read_sectors
 from .errors import MigrateError
+from .files import ENCODING, ERRORS
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
@@ -82,7 +83,7 @@ def make_core(chroot, sysroot, boot, fs_uuid):
     embedded."""
     from .grub import Scratch
     with Scratch(sysroot) as scratch:
-        with open(scratch.path("early.cfg"), "w") as handle:
+        with open(scratch.path("early.cfg"), "w", encoding=ENCODING, errors=ERRORS) as handle:
             handle.write(early_config(boot, fs_uuid))
         chroot.run(["grub-mkimage", "-O", "i386-pc", "-d", "/" + GRUB_DIR,
                     "-c", scratch.inside(scratch.path("early.cfg")), "-p", "(hd0)/",
@@ -123,44 +124,6 @@ def armed_mbr(boot_img, sector0, core_start):
     mbr[DRIVE_CHECK:DRIVE_CHECK + 2] = b"\x90\x90"
     mbr[DISK_ID:] = sector0[DISK_ID:]
     return bytes(mbr)
-
-
-def read_sectors(disk, start, count):
-    # type: (str, int, int) -> bytes
-    fd = os.open(disk, os.O_RDONLY)
-    try:
-        os.lseek(fd, start * SECTOR, os.SEEK_SET)
-        data = b""
-        while len(data) < count * SECTOR:
-            chunk = os.read(fd, count * SECTOR - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data
-    finally:
-        os.close(fd)
-
-
-def write_sectors(disk, start, data):
-    # type: (str, int, bytes) -> None
-    """data at sector start of disk, synced, then read back after the cache is dropped."""
-    fd = os.open(disk, os.O_WRONLY)
-    try:
-        os.lseek(fd, start * SECTOR, os.SEEK_SET)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        try:
-            os.posix_fadvise(fd, start * SECTOR, len(data), os.POSIX_FADV_DONTNEED)
-        except (AttributeError, OSError):  # Python 3.4: no posix_fadvise; read back anyway
-            pass
-    finally:
-        os.close(fd)
-    back = read_sectors(disk, start, len(data) // SECTOR)
-    if hashlib.sha256(back).hexdigest() != hashlib.sha256(data).hexdigest():
-        raise BootCoreError("{}: sectors {}-{} read back different from what was written"
-                            .format(disk, start, start + len(data) // SECTOR - 1))
 
 
 def grub_in_mbr(disk):

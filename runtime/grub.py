@@ -9,6 +9,7 @@ import os
 import tempfile
 
 from .errors import MigrateError
+from .files import ENCODING, ERRORS, read_text
 from .run import run
 from .system import in_root
 
@@ -23,6 +24,10 @@ ENTRY_SCRIPT = "/etc/grub.d/42_resin-migrate"
 GRUB_CFG = "/boot/grub/grub.cfg"
 GRUBENV = "/boot/grub/grubenv"
 ONE_SHOT_TIMEOUT = 1    # seconds of menu on the one-shot boot
+# The oldest GRUB this runtime accepts: Ubuntu 14.04's and Debian 8's. Upstream grub-reboot
+# sets the one-shot next_entry from 2.02~beta1 (util/grub-reboot.in; 2.00's rewrote
+# saved_entry instead), and every option the runtime gives GRUB's tools is in 2.02~beta2.
+MINIMUM_VERSION = "2.02~beta2"
 
 
 class GrubError(MigrateError):
@@ -157,6 +162,27 @@ def read_probe(chroot, sysroot, bundle, stream, boot):
         boot.kernel_label, found[0], boot.kernel)
 
 
+def tool_version(text):
+    # type: (str) -> Optional[str]
+    """The version a GRUB tool's --version printed: "grub-probe (GRUB) 2.02~beta2-9ubuntu1"
+    (program, PACKAGE_NAME, PACKAGE_VERSION: grub-core/kern/emu/argp_common.c) -> the last
+    part, or None when the text is not that."""
+    import re
+    match = re.search(r"\(GRUB\)\s+(\d\S*)", text)
+    return match.group(1) if match else None
+
+
+def version_problem(version, source):
+    # type: (str, str) -> Optional[str]
+    """Why GRUB version (as source reported it) is too old, or None."""
+    from .system import compare_versions
+    if compare_versions(version, MINIMUM_VERSION) >= 0:
+        return None
+    return "GRUB {} ({}) is older than {}, the oldest this runtime works with (its " \
+        "grub-reboot may not set a one-shot next_entry)".format(version, source,
+                                                                 MINIMUM_VERSION)
+
+
 def _last_line(exc):
     # type: (Exception) -> str
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -226,15 +252,14 @@ def arm(sysroot, boot, fs_uuid):
     # type: (str, Boot, str) -> None
     """Install the entry, regenerate grub.cfg, and make it the next boot only."""
     path = in_root(sysroot, ENTRY_SCRIPT)
-    with open(path, "w") as handle:
+    with open(path, "w", encoding=ENCODING, errors=ERRORS) as handle:
         handle.write(entry_script(boot, fs_uuid))
     os.chmod(path, 0o755)
     with Chroot(sysroot) as chroot:
         chroot.mkconfig()
-        with open(in_root(sysroot, GRUB_CFG)) as handle:
-            if "--id {}".format(ENTRY_ID) not in handle.read():
-                raise GrubError("{} has no entry {} after regenerating it; see the log".format(
-                    GRUB_CFG, ENTRY_ID))
+        if "--id {}".format(ENTRY_ID) not in read_text(in_root(sysroot, GRUB_CFG)):
+            raise GrubError("{} has no entry {} after regenerating it; see the log".format(
+                GRUB_CFG, ENTRY_ID))
         chroot.run(["grub-reboot", ENTRY_ID])
         found = next_entry(chroot)
         if found != ENTRY_ID:
@@ -251,8 +276,7 @@ def disarm(sysroot):
             os.unlink(path)
         # regenerate whenever grub.cfg still has the entry (a killed run may have removed
         # the script without regenerating)
-        with open(in_root(sysroot, GRUB_CFG)) as handle:
-            if "--id {}".format(ENTRY_ID) in handle.read():
-                chroot.mkconfig()
+        if "--id {}".format(ENTRY_ID) in read_text(in_root(sysroot, GRUB_CFG)):
+            chroot.mkconfig()
         if next_entry(chroot) == ENTRY_ID:
             chroot.run(["grub-editenv", GRUBENV, "unset", "next_entry"])

@@ -25,10 +25,11 @@ class LayoutError(ValueError):
 class Partition(object):
     """One entry of a partition table."""
 
-    __slots__ = ("number", "start", "size", "kind", "fs", "label", "flags")
+    __slots__ = ("number", "start", "size", "kind", "fs", "label", "flags", "type_id")
 
-    def __init__(self, number, start, size, kind="primary", fs=None, label=None, flags=()):
-        # type: (int, int, int, str, Optional[str], Optional[str], tuple) -> None
+    def __init__(self, number, start, size, kind="primary", fs=None, label=None, flags=(),
+                 type_id=None):
+        # type: (int, int, int, str, Optional[str], Optional[str], tuple, Optional[int]) -> None  # noqa: E501
         self.number = number
         self.start = start
         self.size = size
@@ -36,6 +37,9 @@ class Partition(object):
         self.fs = fs
         self.label = label
         self.flags = tuple(sorted(flags))
+        # the msdos table's type byte (0x83 Linux, 0x82 swap, 0x0e FAT16 LBA, 0x05
+        # extended), where the table was read byte by byte (runtime/mbr.py); None elsewhere
+        self.type_id = type_id
 
     @property
     def end(self):
@@ -45,16 +49,20 @@ class Partition(object):
 
     def to_dict(self):
         # type: () -> dict
-        return {"number": self.number, "start": self.start, "size": self.size,
+        data = {"number": self.number, "start": self.start, "size": self.size,
                 "kind": self.kind, "fs": self.fs, "label": self.label,
                 "flags": list(self.flags)}
+        if self.type_id is not None:    # absent from manifests: their bytes stay the same
+            data["type_id"] = self.type_id
+        return data
 
     @classmethod
     def from_dict(cls, data, where="partition"):
         # type: (dict, str) -> Partition
         _require_keys(data, ("number", "start", "size", "kind"), where)
         part = cls(data["number"], data["start"], data["size"], data["kind"],
-                   data.get("fs"), data.get("label"), tuple(data.get("flags", ())))
+                   data.get("fs"), data.get("label"), tuple(data.get("flags", ())),
+                   data.get("type_id"))
         part.validate(where)
         return part
 
@@ -68,6 +76,10 @@ class Partition(object):
         if self.kind not in PARTITION_KINDS:
             raise LayoutError("{}.kind: expected one of {}, found {!r}".format(
                 where, ", ".join(PARTITION_KINDS), self.kind))
+        if self.type_id is not None and (not isinstance(self.type_id, int) or isinstance(
+                self.type_id, bool) or not 0 < self.type_id < 256):
+            raise LayoutError("{}.type_id: expected 1..255, found {!r}".format(
+                where, self.type_id))
         _check_optional(self.fs, FS_PATTERN, where + ".fs")
         _check_optional(self.label, LABEL_PATTERN, where + ".label")
         for flag in self.flags:
@@ -88,6 +100,7 @@ class Layout(object):
     """A partition table: its type, the disk's size and its partitions in table order."""
 
     __slots__ = ("table", "sector_size", "disk_size", "partitions")
+    TYPES = TABLE_TYPES  # type: tuple  # what `table` may be (mbr.Table adds more)
 
     def __init__(self, table, sector_size, disk_size, partitions):
         # type: (str, int, int, list) -> None
@@ -134,9 +147,9 @@ class Layout(object):
 
     def validate(self, where="layout"):
         # type: (str) -> None
-        if self.table not in TABLE_TYPES:
+        if self.table not in self.TYPES:
             raise LayoutError("{}.table: expected one of {}, found {!r}".format(
-                where, ", ".join(TABLE_TYPES), self.table))
+                where, ", ".join(self.TYPES), self.table))
         if self.sector_size not in (512, 1024, 2048, 4096):
             raise LayoutError("{}.sector_size: expected 512..4096, found {!r}".format(
                 where, self.sector_size))

@@ -6,24 +6,27 @@ them; `plan` and `stage1` refuse to go on unless all pass.
 
 import os
 
-from . import bootcore, grub, system
+from . import blockdev, bootcore, grub, mbr, system
 from . import disk as disk_module
 from .errors import MigrateError
 from .manifest import Manifest  # noqa: F401  (type comments)
 from .plan import MIB, PlanError, place
-from .run import which
+from .run import run, which
 from .source import bundle_source
+from .stream import ZSTD, ZSTD_MINIMUM, zstd_version
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Any, Dict, List, Optional  # noqa: F401  # novermin
 
+    from .layout import Partition  # noqa: F401
     from .netconfig.carry import NetworkPlan  # noqa: F401
+    from .plan import Placement  # noqa: F401
 
 # What stage 1 runs, and the Debian/Ubuntu package that provides it.
 TOOLS = (
-    ("sfdisk", "fdisk (util-linux on Ubuntu 14.04)"),
-    ("partx", "util-linux"),
+    # the partition table is read and written by runtime/mbr.py, the kernel told with BLKPG:
+    # partx is only the way round a refused ioctl (runtime/disk.py), not required
     ("blkid", "util-linux"),
     ("blockdev", "util-linux"),
     ("swapoff", "util-linux (mount on Ubuntu 14.04)"),
@@ -80,13 +83,13 @@ class Target(object):
         self.manifest = None        # type: Optional[Manifest]
         self.source = None          # type: Optional[Any]  # where the streams are read
         self.disk = None            # type: Optional[str]
-        self.table = None           # type: Optional[disk_module.Table]
-        self.swap = None            # type: Optional[disk_module.TablePartition]
+        self.table = None           # type: Optional[mbr.Table]
+        self.swap = None            # type: Optional[Partition]
         self.swap_probe = {}        # type: Dict[str, str]
         self.swap_active = False
         self.swap_used = 0
         self.fstab_swap = None      # type: Optional[system.FstabEntry]
-        self.layout = None          # type: Optional[object]
+        self.layout = None          # type: Optional[Placement]
         self.network = None         # type: Optional[NetworkPlan]
 
 
@@ -125,7 +128,8 @@ class Preflight(object):
         # type: () -> Preflight
         for step in (self.check_root, self.check_os, self.check_boot_mode, self.check_bundle,
                      self.check_disk, self.check_swap, self.check_memory, self.check_tools,
-                     self.check_grub, self.check_grub_probe, self.check_flasher_kernel,
+                     self.check_grub, self.check_grub_version, self.check_grub_probe,
+                     self.check_flasher_kernel,
                      self.check_boot_disks,
                      self.check_foreign_flashers, self.check_layout, self.check_network):
             try:
@@ -185,27 +189,39 @@ class Preflight(object):
                 target.sysroot, root_disk, self.disk_override), "the disk holding /")
             return
         target.disk = root_disk
-        table = disk_module.read_table(root_disk)
+        sector_size = blockdev.sector_size(root_disk)
+        if sector_size != mbr.SECTOR:
+            self.add("sector size", False, "{} bytes".format(sector_size), "512 bytes",
+                     "disks with 4 KiB logical sectors are not supported")
+            return
+        try:
+            table = disk_module.read_table(root_disk)
+        except MigrateError as exc:
+            self.add("partition table", False, str(exc), "an msdos partition table the "
+                     "kernel, fdisk and parted read alike",
+                     "repair the table with fdisk, or migrate the device another way")
+            return
         target.table = table
         self.add("root disk", True, "{} on {} ({} MiB)".format(
-            device.path, root_disk, table.sectors * 512 // MIB))
-        self.add("partition table", table.label == "dos", table.label, "msdos (dos)",
-                 "GPT disks are not supported yet" if table.label == "gpt" else "")
-        if table.sector_size != 512:
-            self.add("sector size", False, "{} bytes".format(table.sector_size), "512 bytes",
-                     "disks with 4 KiB logical sectors are not supported")
+            device.path, root_disk, table.disk_size * 512 // MIB))
+        self.add("partition table", table.table == "msdos", "{}{}".format(
+            table.table, ", disk identifier " + table.disk_id_text
+            if table.table == "msdos" else ""), "msdos (dos)",
+            "GPT disks are not supported yet" if table.table == "gpt" else
+            "the disk has no partition table this program can read"
+            if table.table != "msdos" else "")
 
     def check_swap(self):
         target = self.target
-        if target.table is None or target.table.label != "dos":
+        if target.table is None or target.table.table != "msdos" or target.disk is None:
             return
         entries = [entry for entry in system.fstab(target.sysroot) if entry.fstype == "swap"]
         active = system.active_swaps()
         candidates = []
         for part in target.table.partitions:
-            if part.is_extended:
+            if part.kind == "extended":
                 continue
-            probe = disk_module.probe(part.node)
+            probe = disk_module.probe(system.partition_path(target.disk, part.number))
             # the signature decides: a partition typed 82 may hold something else
             if probe.get("TYPE") == "swap":
                 candidates.append((part, probe))
@@ -217,24 +233,25 @@ class Preflight(object):
             return
         part, probe = max(candidates, key=lambda item: item[0].size)
         target.swap, target.swap_probe = part, probe
-        users = system.holders(part.node)
+        node = system.partition_path(target.disk, part.number)
+        users = system.holders(node)
         if users:
             self.add("swap partition", False, "{} is used through {} (encrypted swap, LVM or "
-                     "RAID)".format(part.node, ", ".join(users)),
+                     "RAID)".format(node, ", ".join(users)),
                      "a swap partition used directly",
                      "remove the swap from /etc/crypttab (or the volume group) first")
             return
-        in_use = system.swap_in_use(part.node)
+        in_use = system.swap_in_use(node)
         if in_use is not None:
             target.swap_active, target.swap_used = True, in_use.used
-        partuuid = disk_module.probe_partuuid(part.node)
+        partuuid = target.table.partuuid(part.number)
         for entry in entries:
-            if entry.names(probe.get("UUID"), probe.get("LABEL"), [part.node], partuuid):
+            if entry.names(probe.get("UUID"), probe.get("LABEL"), [node], partuuid):
                 target.fstab_swap = entry
-        kind = "logical" if part.is_logical else "primary"
+        kind = part.kind
         named = target.fstab_swap.spec if target.fstab_swap else "not in /etc/fstab"
         self.add("swap partition", True, "{} ({} partition, {} MiB, {}, fstab: {})".format(
-            part.node, kind, part.size * 512 // MIB,
+            node, kind, part.size * 512 // MIB,
             "active, {} MiB used".format(target.swap_used // MIB) if target.swap_active
             else "inactive", named))
 
@@ -265,21 +282,37 @@ class Preflight(object):
     def check_tools(self):
         tools = list(TOOLS)
         manifest = self.target.manifest
-        if manifest is not None and any(s.compression == "zstd" for s in manifest.streams):
-            tools.append(("zstd", "zstd"))
+        zstd = manifest is not None and any(s.compression == "zstd" for s in manifest.streams)
+        if zstd:
+            tools.append((ZSTD, "zstd"))
         missing = [(name, package) for name, package in tools if not which(name)]
-        if not missing:
-            old = disk_module.sfdisk_missing_features()
-            if old:
-                self.add("sfdisk", False, "sfdisk lacks {}".format(", ".join(old)),
-                         "util-linux 2.29 or later (sfdisk --json, --no-tell-kernel)",
-                         "this release's util-linux is too old for this version of "
-                         "resin-migrate")
         self.add("tools", not missing,
                  "missing: " + ", ".join(name for name, _ in missing) if missing else
                  "all present", "",
                  "install: " + "; ".join("{} from {}".format(n, p) for n, p in missing)
                  if missing else "")
+        if zstd:
+            self.check_zstd_version()
+
+    def check_zstd_version(self):
+        """The bundle's zstd streams need a zstd of 1.0 or later (0.x frames differ)."""
+        text = ""
+        if which(ZSTD):
+            try:
+                result = run([ZSTD, "-V"], check=False)
+                text = (result.stdout + result.stderr).strip()
+            except (MigrateError, EnvironmentError) as exc:
+                text = str(exc)
+        version = zstd_version(text)
+        ok = version is not None and version[:2] >= ZSTD_MINIMUM
+        needed = ".".join(str(part) for part in ZSTD_MINIMUM)
+        self.add("zstd", ok, "zstd {}".format(".".join(str(part) for part in version))
+                 if version else "zstd -V named no version: {!r}".format(text[:120])
+                 if which(ZSTD) else "no zstd program",
+                 "zstd {} or later (this bundle's streams are zstd)".format(needed),
+                 "" if ok else "install zstd {} or later, or rebuild the bundle with gzip "
+                 "streams, which need no tool on the device: invoke build-flasher "
+                 "--stream-compression gzip (the default)".format(needed))
 
     def check_grub(self):
         root = self.target.sysroot
@@ -297,10 +330,6 @@ class Preflight(object):
         for name in ("boot.img", "biosdisk.mod", "search_fs_uuid.mod"):
             if not os.path.isfile(system.in_root(root, bootcore.GRUB_DIR + "/" + name)):
                 problems.append("no /{}/{} (grub-pc-bin)".format(bootcore.GRUB_DIR, name))
-        version = system.package_version(root, "grub-common")
-        if version and not version.split(":")[-1].startswith(("2", "3")):
-            problems.append("GRUB {} is older than 2.00 (no menuentry --id, no one-shot "
-                            "next_entry)".format(version))
         grubenv = system.in_root(root, "boot/grub/grubenv")
         if not os.path.isfile(grubenv):
             problems.append("no /boot/grub/grubenv")
@@ -318,6 +347,43 @@ class Preflight(object):
                  "writable grubenv".format(mkconfig[0] if mkconfig else "?"),
                  "GRUB2 with /etc/grub.d, update-grub, grub-reboot and a writable grubenv",
                  "install grub-pc (legacy BIOS GRUB2)" if problems else "")
+
+    def check_grub_version(self):
+        """GRUB 2.02~beta2 or later (grub.MINIMUM_VERSION), both as dpkg installed it and as
+        the device's grub-probe names itself (a GRUB installed by hand may differ)."""
+        root = self.target.sysroot
+        found = []
+        for package in ("grub-common", "grub-pc"):
+            version = system.package_version(root, package)
+            if version:
+                found.append((version, "dpkg: " + package))
+                break
+        if grub.installed(root, "grub-probe"):
+            version = grub.tool_version(self._grub_probe_version())
+            if version:
+                found.append((version, "grub-probe --version"))
+        if not found:
+            self.add("GRUB version", None, "unknown: dpkg lists no grub-common and grub-probe "
+                     "--version named none")
+            return
+        problems = [problem for problem in (grub.version_problem(version, source)
+                                            for version, source in found) if problem]
+        self.add("GRUB version", not problems, "; ".join(problems) or ", ".join(
+            "{} ({})".format(version, source) for version, source in found),
+            "GRUB {} or later".format(grub.MINIMUM_VERSION),
+            "upgrade GRUB to {} or later (grub-pc and grub-common of Ubuntu 14.04, Debian 8 "
+            "or later), or migrate this device another way".format(grub.MINIMUM_VERSION)
+            if problems else "")
+
+    def _grub_probe_version(self):
+        # type: () -> str
+        """What `grub-probe --version` printed in the device's root ('' when it failed)."""
+        try:
+            with grub.Chroot(self.target.sysroot) as chroot:
+                result = chroot.run(["grub-probe", "--version"])
+        except (MigrateError, EnvironmentError):
+            return ""
+        return result.stdout + result.stderr
 
     def check_grub_probe(self):
         """What GRUB itself says holds /boot/grub: it writes grubenv (the one-shot entry's
@@ -415,7 +481,8 @@ class Preflight(object):
         if target.swap is None or target.manifest is None or target.table is None:
             return
         try:
-            layout = place(target.table, target.swap, target.manifest, self.reserve_bytes)
+            layout = place(target.disk or "", target.table, target.swap, target.manifest,
+                           self.reserve_bytes)
         except PlanError as exc:
             self.add("swap size", False, str(exc))
             return

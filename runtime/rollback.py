@@ -6,12 +6,12 @@ for the steps that were started, and each can be repeated.
 
 import os
 
-from . import bootcore, grub, log, system
+from . import blockdev, bootcore, grub, log, system
 from . import disk as disk_module
 from .errors import MigrateError
-from .files import write_atomic
+from .files import encode, read_text, write_atomic
 from .run import run
-from .stage1 import SECTOR0_COPY, same_disk, unmount_stale
+from .stage1 import FSTAB_MARK, SECTOR0_COPY, TABLE_COPY, same_disk, unmount_stale
 from .state import State
 
 
@@ -24,6 +24,7 @@ def rollback(sysroot="/"):
     state = State(sysroot)
     if not state.exists:
         raise RollbackError("nothing to roll back: no stage 1 state in {}".format(state.path))
+    state.check_version()
     state.lock()
     log.open_file(system.in_root(sysroot, log.LOG_PATH))
     log.log.info("rollback: stage 1 steps started: %s", ", ".join(state.get("started")))
@@ -32,22 +33,20 @@ def rollback(sysroot="/"):
     if state.started("grub"):
         grub.disarm(sysroot)
         log.log.info("rollback: GRUB entry %s and its one-shot boot removed", grub.ENTRY_ID)
-    if disk and (state.started("partition") or state.started("flash-data")):
+    copy = state.file(TABLE_COPY)
+    if disk and os.path.exists(copy):
+        # written before stage 1 changed the table: its sectors as the disk held them
         unmount_stale(disk)
-        disk_module.write_script(disk, state.get("original_dump"))
-        if disk_module.dump(disk) != state.get("original_dump"):
-            raise RollbackError("the partition table of {} reads back different from the one "
-                                "recorded before stage 1; see the log".format(disk))
+        disk_module.restore_records(disk, disk_module.load_records(copy))
         disk_module.tell_kernel(disk, disk_module.read_table(disk))
-        log.log.info("rollback: partition table of %s restored", disk)
+        log.log.info("rollback: partition table of %s restored (sector 0 and every extended "
+                     "boot record, byte for byte)", disk)
     if disk and os.path.exists(state.file(SECTOR0_COPY)):
         _restore_boot_code(disk, state.file(SECTOR0_COPY))
     if state.started("partition") or state.started("swapoff"):
         _restore_swap(swap)
     if state.started("fstab"):
-        target = system.in_root(sysroot, "etc/fstab")
-        write_atomic(target, system.read_text(state.get("fstab_copy")))
-        log.log.info("rollback: /etc/fstab restored")
+        _restore_fstab(system.in_root(sysroot, "etc/fstab"), state.get("fstab_copy"), swap)
     if swap.get("active") and system.swap_in_use(swap["node"]) is None:
         run(["swapon", swap["node"]])
         log.log.info("rollback: swap %s on again", swap["node"])
@@ -57,6 +56,24 @@ def rollback(sysroot="/"):
     kept = state.retire("rolled-back")
     log.log.info("rollback complete; the record of stage 1 is kept in %s", kept)
     return kept
+
+
+def _restore_fstab(target, copy, swap):
+    # type: (str, str, dict) -> None
+    """/etc/fstab as stage 1 found it: its copy, if the copy holds the swap line stage 1
+    commented out; else (a copy that never reached the disk before a power cut) the
+    current file with that one line uncommented."""
+    with open(copy, "rb") as handle:
+        saved = handle.read()
+    line = swap.get("fstab_text")
+    if line and encode(line) not in saved:
+        current = read_text(target)
+        write_atomic(target, current.replace(FSTAB_MARK + line, line))
+        log.log.info("rollback: /etc/fstab: the swap line uncommented (the copy %s is "
+                     "incomplete: %d bytes)", copy, len(saved))
+        return
+    write_atomic(target, saved)
+    log.log.info("rollback: /etc/fstab restored")
 
 
 def _restore_swap(swap):
@@ -81,8 +98,8 @@ def _restore_boot_code(disk, copy):
     up before writing; this covers a flasher that could not), the table left as restored."""
     with open(copy, "rb") as handle:
         original = handle.read()
-    current = bootcore.read_sectors(disk, 0, 1)
+    current = blockdev.read_sectors(disk, 0, 1)
     if current[:bootcore.DISK_ID] == original[:bootcore.DISK_ID]:
         return
-    bootcore.write_sectors(disk, 0, original[:bootcore.DISK_ID] + current[bootcore.DISK_ID:])
+    blockdev.write_sectors(disk, 0, original[:bootcore.DISK_ID] + current[bootcore.DISK_ID:])
     log.log.info("rollback: the boot code in sector 0 of %s restored", disk)

@@ -9,6 +9,7 @@ import os
 import subprocess
 
 from .errors import CommandError, ToolMissingError
+from .files import decode, encode
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
@@ -69,10 +70,10 @@ def run(argv, env=None, input_text=None, check=True, ok_codes=(0,), cwd=None):
             raise ToolMissingError("{} is not installed (needed to run: {})".format(
                 argv[0], quote_command(argv))) from exc
         raise
-    out, err = proc.communicate(
-        input_text.encode("utf-8") if input_text is not None else None)
-    result = Result(argv, proc.returncode, out.decode("utf-8", "replace"),
-                    err.decode("utf-8", "replace"))
+    out, err = proc.communicate(encode(input_text) if input_text is not None else None)
+    # stdout is parsed (names, labels, paths): read as files are (files.py), its bytes kept;
+    # stderr is only shown, in messages and the log
+    result = Result(argv, proc.returncode, decode(out), err.decode("utf-8", "replace"))
     if check and proc.returncode not in ok_codes:
         raise CommandError(argv, proc.returncode, result.stderr or result.stdout)
     return result

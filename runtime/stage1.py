@@ -14,14 +14,14 @@ import threading
 import time
 
 from . import backup as backup_module
-from . import bootcore, grub, log, system
+from . import blockdev, bootcore, grub, log, system
 from . import disk as disk_module
 from . import plan as plan_module
 from .bundle import sha256_file
 from .errors import MigrateError
-from .files import write_atomic
+from .files import read_text, write_atomic
 from .manifest import MANIFEST_NAME
-from .plan import FlashPartition, Layout, PlanError, place
+from .plan import Placement, PlanError, describe, place
 from .preflight import Preflight, RefusedError, backup_room
 from .run import run
 from .source import LocalBundle, recorded_source
@@ -34,12 +34,16 @@ MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Any, Callable, List, Optional  # noqa: F401  # novermin
 
+    from .layout import Partition  # noqa: F401
     from .manifest import Manifest  # noqa: F401
 
 STEPS = ("backup", "save", "swapoff", "fstab", "partition", "write:flash-boot",
          "write:flash-rootA", "boot-core", "flash-data", "network", "grub", "complete")
 FSTAB_MARK = "# disabled by resin-migrate: "
 SECTOR0_COPY = "sector0.orig"    # in the state directory: sector 0 before stage 1
+# in the state directory: before the new table is written, every sector either table keeps
+# its records in (sector 0, the EBRs), as the disk held them; rollback writes them back
+TABLE_COPY = "table-sectors.orig.json"
 ARMED_MBR_COPY = "sector0.armed"  # the sector 0 stage 2 writes, also on flash-data
 
 
@@ -88,6 +92,7 @@ def run_stage1(options):
         state = State(options.sysroot)
     resuming = state.exists
     if resuming:
+        state.check_version()
         _resume_source(options, state)
     preflight = Preflight(options.sysroot, options.source, options.disk,
                           network_ok=options.network_ok)
@@ -244,7 +249,7 @@ class Runner(object):
                     "less. The partitions were not changed.".format(
                         reserve >> 20, room >> 20))
         try:
-            layout = place(table, swap, self.manifest, reserve)
+            placement = place(target.disk or "", table, swap, self.manifest, reserve)
         except PlanError as exc:
             if archive:
                 os.unlink(archive)
@@ -252,9 +257,7 @@ class Runner(object):
             raise RefusedError("{} The partitions were not changed.".format(exc)) from exc
         self.state.set(backup=archive, backup_size=reserve,
                        backup_sha256=sha256_file(archive)[1] if archive else None,
-                       layout=[flash.to_dict() for flash in layout.flash],
-                       new_extended=_partition_dict(layout.new_extended),
-                       protected_start=layout.protected_start, core_start=layout.core_start)
+                       placement=placement.to_dict(), core_start=placement.core_start)
 
     def step_save(self):
         target = self.preflight.target
@@ -263,15 +266,17 @@ class Runner(object):
         disk = _required(target.disk, "disk")
         fstab_copy = self.state.file("fstab.orig")
         if not os.path.exists(fstab_copy):
-            shutil.copy2(system.in_root(self.sysroot, "etc/fstab"), fstab_copy)
+            # on the disk before the fstab step edits the original: a copy left in the page
+            # cache is empty after a power cut, and rollback would restore that
+            fstab = system.in_root(self.sysroot, "etc/fstab")
+            with open(fstab, "rb") as handle:
+                write_atomic(fstab_copy, handle.read(), mode_from=fstab)
         sector0 = self.state.file(SECTOR0_COPY)   # rollback puts its boot code back
         if not os.path.exists(sector0):
-            write_atomic(sector0, bootcore.read_sectors(disk, 0, 1))
+            write_atomic(sector0, blockdev.read_sectors(disk, 0, 1))
         self.state.set(
-            disk=disk, disk_sectors=table.sectors, original_dump=disk_module.dump(disk),
-            identity=disk_module.identity(disk),
-            swap={"node": swap.node, "number": swap.number, "start": swap.start,
-                  "size": swap.size, "type": swap.type,
+            disk=disk, disk_sectors=table.disk_size, identity=disk_module.identity(disk),
+            swap={"node": system.partition_path(disk, swap.number), "number": swap.number,
                   "uuid": target.swap_probe.get("UUID"),
                   "label": target.swap_probe.get("LABEL"),
                   "active": target.swap_active,
@@ -293,8 +298,7 @@ class Runner(object):
             log.log.info("/etc/fstab does not name the swap partition; left as it is")
             return
         path = system.in_root(self.sysroot, "etc/fstab")
-        with open(path) as handle:
-            lines = handle.read().splitlines(True)
+        lines = read_text(path).splitlines(True)
         if line >= len(lines) or lines[line].rstrip("\n") not in (
                 swap["fstab_text"], FSTAB_MARK + swap["fstab_text"]):
             raise Stage1Error("/etc/fstab changed since stage 1 read it: line {} is no longer "
@@ -312,33 +316,28 @@ class Runner(object):
         if system.swap_in_use(swap["node"]) is not None or system.holders(swap["node"]):
             raise Stage1Error("{} is in use as swap again (a reboot re-enabled it?); run "
                               "stage1 again to switch it off, or rollback".format(swap["node"]))
-        layout = self.layout()
-        new_table = layout.new_table()
+        placement = self.placement()
         current = disk_module.read_table(disk)
-        original = _table_from_dump(disk, self.state.get("original_dump"),
-                                    self.state.get("disk_sectors"))
-        if not (_same_partitions(current, new_table) or _same_partitions(current, original)):
+        if current.entries() == placement.new.entries():
+            log.log.info("the partition table already holds the flash partitions")
+        elif current.entries() == placement.original.entries():
+            copy = self.state.file(TABLE_COPY)
+            if not os.path.exists(copy):    # kept from the first try: the disk's own bytes
+                disk_module.save_records(copy, disk_module.records(
+                    disk, placement.original, placement.new))
+            disk_module.write_table(disk, placement.new)
+        else:
             raise Stage1Error("the partition table of {} is neither the one stage 1 recorded "
                               "nor the one it writes; refusing to touch it".format(disk))
-        if _same_partitions(current, new_table):
-            log.log.info("the partition table already holds the flash partitions")
-        else:
-            script = layout.script(self.state.get("original_dump"))
-            log.log.debug("sfdisk script:\n%s", script)
-            disk_module.write_script(disk, script)
-        written = disk_module.read_table(disk)
-        if not _same_partitions(written, new_table):
-            raise Stage1Error("the partition table read back from {} differs from the one "
-                              "written".format(disk))
-        disk_module.tell_kernel(disk, written)
-        for flash in layout.flash:
+        disk_module.tell_kernel(disk, placement.new)
+        for flash in placement.flash:
             log.log.info("partition %s: %s, sectors %d-%d (%d MiB)", flash.label,
                          system.partition_path(disk, flash.number), flash.start,
                          flash.end - 1, flash.size * 512 >> 20)
 
     def step_write(self, label):
         flash = self.flash(label)
-        stream = self.manifest.stream(flash.stream)
+        stream = self.manifest.stream(describe(flash, self.manifest)["stream"])
         device = system.partition_path(self.state.get("disk"), flash.number)
         bundle = self.options.source
         source = bundle.stream_location(stream.file)
@@ -389,8 +388,8 @@ class Runner(object):
                               "for it".format(len(core) >> 10, plan_module.CORE_SECTORS >> 1))
         with open(system.in_root(self.sysroot, bootcore.GRUB_DIR + "/boot.img"), "rb") as handle:
             boot_img = handle.read()
-        armed = bootcore.armed_mbr(boot_img, bootcore.read_sectors(disk, 0, 1), start)
-        bootcore.write_sectors(disk, start, core)
+        armed = bootcore.armed_mbr(boot_img, blockdev.read_sectors(disk, 0, 1), start)
+        blockdev.write_sectors(disk, start, core)
         write_atomic(self.state.file(ARMED_MBR_COPY), armed)
         self.state.set(core_sectors=len(core) // bootcore.SECTOR,
                        core_sha256=sha256_bytes(core), armed_mbr_sha256=sha256_bytes(armed))
@@ -403,8 +402,7 @@ class Runner(object):
         device = system.partition_path(self.state.get("disk"), flash.number)
         unmount_stale(self.state.get("disk"))
         run(["mkfs.ext4", "-F", "-q", "-L", "flash-data", device])
-        layout = self.layout()
-        values = stage2_values(self.manifest, layout, self.state.get("disk_sectors"),
+        values = stage2_values(self.manifest, self.placement(), self.state.get("disk_sectors"),
                                self.state.get("backup_size"), self.state.get("backup_sha256"),
                                self.state.data, self.options.guard_timeout)
         with Mounted(device) as mountpoint:
@@ -464,25 +462,16 @@ class Runner(object):
 
     # --- helpers ----------------------------------------------------------------------
 
-    def layout(self):
-        # type: () -> Layout
-        swap = self.state.get("swap")
-        original = disk_module.TablePartition(swap["node"], swap["number"], swap["start"],
-                                              swap["size"], swap["type"], False)
-        table = _table_from_dump(self.state.get("disk"), self.state.get("original_dump"),
-                                 self.state.get("disk_sectors"))
-        flash = [FlashPartition(**entry) for entry in self.state.get("layout")]
-        extended = self.state.get("new_extended")
-        new_extended = disk_module.TablePartition(**extended) if extended else None
-        return Layout(table, original, flash, new_extended, self.state.get("protected_start"),
-                      self.state.get("core_start"))
+    def placement(self):
+        # type: () -> Placement
+        return Placement.from_dict(self.state.get("placement"))
 
     def flash(self, label):
-        # type: (str) -> FlashPartition
-        for entry in self.state.get("layout"):
-            if entry["label"] == label:
-                return FlashPartition(**entry)
-        raise Stage1Error("no flash partition {} in the recorded layout".format(label))
+        # type: (str) -> Partition
+        try:
+            return self.placement().partition(label)
+        except PlanError as exc:
+            raise Stage1Error(str(exc)) from exc
 
     def copy_log(self, mountpoint):
         # type: (str) -> None
@@ -507,40 +496,6 @@ def _peak_memory():
         if line.startswith("VmHWM:"):
             return "{} KiB".format(line.split()[1])
     return "unknown"
-
-
-def _partition_dict(part):
-    if part is None:
-        return None
-    return {"node": part.node, "number": part.number, "start": part.start, "size": part.size,
-            "type_": part.type, "bootable": part.bootable}
-
-
-def _table_from_dump(disk, dump, sectors):
-    # type: (str, str, int) -> disk_module.Table
-    """The original table, from its sfdisk dump (the disk itself may hold the new one)."""
-    parts = []
-    for line in dump.splitlines():
-        node, sep, fields = line.partition(" : ")
-        if not sep:
-            continue
-        values = {}
-        for field in fields.split(","):
-            key, eq, value = field.strip().partition("=")
-            values[key] = value.strip() if eq else True
-        number = disk_module.partition_number(disk, node)
-        parts.append(disk_module.TablePartition(node.strip(), number, int(values["start"]),
-                                                int(values["size"]), str(values["type"]),
-                                                "bootable" in values))
-    return disk_module.Table(disk, "dos", sectors, parts)
-
-
-def _same_partitions(a, b):
-    # type: (disk_module.Table, disk_module.Table) -> bool
-    def key(table):
-        return sorted((p.number, p.start, p.size if not p.is_extended else 0, p.type)
-                      for p in table.partitions)
-    return key(a) == key(b)
 
 
 MOUNT_DIR = "/run" if os.path.isdir("/run") else "/tmp"

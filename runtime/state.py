@@ -10,14 +10,23 @@ import os
 import time
 
 from .errors import MigrateError
-from .files import write_atomic
+from .files import read_text, write_atomic
 from .system import in_root
 
 STATE_DIR = "/var/lib/resin-migrate"
 STATE_FILE = "state.json"
+# 2: the partition tables recorded as runtime/mbr.py's model and the table's sectors saved
+# beside it; 1 (before): sfdisk dumps, which this version can neither resume nor undo
+STATE_VERSION = 2
 
 
 class LockedError(MigrateError):
+    exit_code = 10
+
+
+class StateVersionError(MigrateError):
+    """The state file was written by another version of resin-migrate."""
+
     exit_code = 10
 
 
@@ -27,15 +36,24 @@ class State(object):
         self.sysroot = sysroot
         self.dir = in_root(sysroot, STATE_DIR)
         self.path = os.path.join(self.dir, STATE_FILE)
-        self.data = {"version": 1, "started": [], "done": []}  # type: dict
+        self.data = {"version": STATE_VERSION, "started": [], "done": []}  # type: dict
         if os.path.exists(self.path):
-            with open(self.path) as handle:
-                self.data = json.load(handle)
+            self.data = json.loads(read_text(self.path))
 
     @property
     def exists(self):
         # type: () -> bool
         return os.path.exists(self.path)
+
+    def check_version(self):
+        # type: () -> None
+        """Refuse, changing nothing, a state another version of the format wrote."""
+        found = self.data.get("version")
+        if found != STATE_VERSION:
+            raise StateVersionError(
+                "{} has format version {}; this resin-migrate reads version {}. Finish or "
+                "roll back with the resin-migrate.pyz that started stage 1 (its bundle), "
+                "then use this one".format(self.path, found, STATE_VERSION))
 
     def file(self, name):
         # type: (str) -> str

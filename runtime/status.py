@@ -14,8 +14,7 @@ def status(sysroot="/", lines=15):
     log_path = system.in_root(sysroot, log.LOG_PATH)
     tail = []
     if os.path.exists(log_path):
-        with open(log_path) as handle:
-            tail = handle.read().splitlines()[-lines:]
+        tail = system.read_text(log_path, "").splitlines()[-lines:]
     if state.exists:
         done = state.get("done")
         phase = "stage 1 complete: the next boot starts the flasher" if "complete" in done \
@@ -72,9 +71,12 @@ def _flash_data_device(state):
     mount = system.mount_of(state.sysroot)
     holder = system.device_by_number(mount.major, mount.minor)
     disk = holder.disk.path if holder is not None else state.get("disk")
-    number = next((entry["number"] for entry in state.get("layout") or []
-                   if entry["label"] == "flash-data"), None)
-    return system.partition_path(disk, number) if number else ""
+    from .plan import Placement, PlanError
+    try:
+        number = Placement.from_dict(state.get("placement")).partition("flash-data").number
+    except PlanError:
+        return ""       # stage 1 stopped before it placed the partitions
+    return system.partition_path(disk, number)
 
 
 def stage2_outcome(journal):
@@ -119,5 +121,4 @@ def _read_lines(path):
     # type: (str) -> list
     if not os.path.exists(path):
         return []
-    with open(path) as handle:
-        return handle.read().splitlines()
+    return system.read_text(path, "").splitlines()

@@ -39,7 +39,20 @@ INFLATE_STEP = 1 << 20        # raw bytes zlib may produce per call
 PROGRESS_INTERVAL = 1.0       # seconds between progress callbacks
 GZIP_WBITS = 31               # zlib: a gzip header and trailer, not raw deflate
 ZSTD = "zstd"                 # the decompressor's name, looked up on the minimal PATH
+# zstd's frame format is frozen from 1.0 (lib/zstd.h: magic 0xFD2FB524-27 in 0.4-0.7, the
+# final 0xFD2FB528 from 0.8, whose format was still allowed to change); `zstd -V`
+# prints "*** zstd command line interface 64-bits v1.3.3, by Yann Collet ***" (1.5: "***
+# Zstandard CLI (64-bit) v1.5.5, ..."), to stdout from 0.4, to stderr before
+ZSTD_MINIMUM = (1, 0)
 _F_SETPIPE_SZ = 1031          # fcntl.F_SETPIPE_SZ (Linux >= 2.6.35; named in Python 3.10)
+
+
+def zstd_version(text):
+    # type: (str) -> Optional[tuple]
+    """(major, minor, release) from what `zstd -V` printed, or None when it names none."""
+    import re
+    match = re.search(r"\bv(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(part) for part in match.groups()) if match else None
 
 
 class StreamError(MigrateError):

@@ -8,6 +8,7 @@ import os
 import re
 import stat as stat_module
 
+from . import files
 from .errors import MigrateError
 
 MYPY = False
@@ -29,9 +30,10 @@ def in_root(sysroot, path):
 
 def read_text(path, default=None):
     # type: (str, Optional[str]) -> str
+    """The file's text, UTF-8 whatever the locale (files.read_text); default, when given,
+    if it cannot be read."""
     try:
-        with open(path) as handle:
-            return handle.read()
+        return files.read_text(path)
     except (IOError, OSError):
         if default is None:
             raise
@@ -175,6 +177,56 @@ def package_version(sysroot, package):
         if fields.get("Package") == package and "installed" in fields.get("Status", ""):
             return fields.get("Version")
     return None
+
+
+def _order(char):
+    # type: (str) -> int
+    """dpkg's order of a character in the non-digit parts: '~' before the end of the
+    string, the end before letters, letters before everything else."""
+    if char == "~":
+        return -1
+    if not char or char.isdigit():
+        return 0
+    return ord(char) if char.isalpha() else ord(char) + 256
+
+
+def _compare_part(a, b):
+    # type: (str, str) -> int
+    """dpkg's verrevcmp: non-digit runs by _order, digit runs as numbers, alternately."""
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            ac, bc = _order(a[i] if i < len(a) else ""), _order(b[j] if j < len(b) else "")
+            if ac != bc:
+                return ac - bc
+            i, j = i + 1, j + 1
+        start_a, start_b = i, j
+        while i < len(a) and a[i].isdigit():
+            i += 1
+        while j < len(b) and b[j].isdigit():
+            j += 1
+        number_a, number_b = int(a[start_a:i] or "0"), int(b[start_b:j] or "0")
+        if number_a != number_b:
+            return number_a - number_b
+    return 0
+
+
+def compare_versions(a, b):
+    # type: (str, str) -> int
+    """Debian version ordering (negative, 0, positive as a sorts before, with, after b):
+    epoch, upstream version, revision; '~' sorts before anything, even the end, so
+    2.02~beta1 < 2.02~beta2 < 2.02 < 2.02-1 < 2.04."""
+    def split(version):
+        # type: (str) -> tuple
+        version = version.strip()
+        epoch, _, rest = version.partition(":") if ":" in version else ("0", "", version)
+        upstream, _, revision = rest.rpartition("-") if "-" in rest else (rest, "", "")
+        return int(epoch) if epoch.isdigit() else 0, upstream, revision
+    epoch_a, upstream_a, revision_a = split(a)
+    epoch_b, upstream_b, revision_b = split(b)
+    if epoch_a != epoch_b:
+        return epoch_a - epoch_b
+    return _compare_part(upstream_a, upstream_b) or _compare_part(revision_a, revision_b)
 
 
 class Mount(object):

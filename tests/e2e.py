@@ -13,7 +13,15 @@ declines, systemd starts stage 2 through the unit the builder installed (the fla
 flashing and registration units masked), stage 2 writes resinOS and reboots, the resinOS
 stand-in reports on the serial console and powers off: the fleet's config.json without its
 installer section, the proxy configuration and splash from flash-boot, the backup. Nothing
-on the path is mocked.
+on the path is mocked. The host reads the disk's partition table with sfdisk before the boot
+(it must be the legacy spec's, sector for sector) and after it (the resinOS image's).
+
+The oldtools scenario (`migrate(OLDTOOLS_SPEC, workdir, old_tools=True)`) is a device of an
+old release: its disk laid out in DOS cylinders as fdisk made it before about 2010 (p1 at
+sector 63, GRUB's core.img embedded in the 62 sectors before it, the logical swap 63 sectors
+into a cylinder-aligned extended partition), no sfdisk and no lsblk at all (removed in the
+guest before stage 1, which the guest's log must show), and the runtime run under LANG=C
+with LC_ALL and PYTHONUTF8 unset, as a service or a cron job runs it.
 
 The fallback scenario corrupts backup.tgz on flash-data after stage 1: stage 2 refuses and
 reboots, the legacy system comes back by itself, `status` shows stage 2's reason, and
@@ -52,7 +60,16 @@ from tests.rig.bootimages import (
     cached_bootable_resinos,
     parse_report,
 )
-from tests.rig.legacy import APPDATA_DIR, LegacySpec, appdata_files, attached, mounted_root
+from tests.rig.legacy import (
+    APPDATA_DIR,
+    Alignment,
+    LegacySpec,
+    SwapPlacement,
+    appdata_files,
+    attached,
+    mounted_root,
+    partitions,
+)
 from tests.tools import blkid, sfdisk_json, sh
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,24 +90,55 @@ MILESTONES = (
     ("resinOS report", "RESINOS-REPORT end"),
 )
 
-MIGRATE_SCRIPT = f"""\
-set -u
-echo "E2E stage1 start"
-{RUNTIME} check
-{RUNTIME} stage1 --yes --reboot --backup-script {GUEST_BACKUP_SCRIPT}
-echo "E2E stage1 exit=$?"
+STAGE1_EXIT = "E2E stage1 exit="
+#: The oldtools scenario's legacy disk, and what it removes from the guest before stage 1.
+OLDTOOLS_SPEC = LegacySpec(placement=SwapPlacement.LOGICAL, alignment=Alignment.CYLINDER)
+OLD_TOOLS = ("sfdisk", "lsblk")
+OLD_TOOLS_LOCALE = "E2E locale: LANG=C LC_ALL=unset PYTHONUTF8=unset"
+
+# The oldtools scenario: the guest without OLD_TOOLS (from every directory of PATH, so that
+# neither the shell nor the runtime finds them), saying so, and the runtime run under LANG=C
+# as a service or cron job runs it (LC_ALL, the other LC_* and PYTHONUTF8 unset). The
+# interpreter's view is printed too: Python 3.7+ coerces the C locale to UTF-8 (PEP 538,
+# 540) where an older one would decode ASCII.
+OLD_TOOLS_PREAMBLE = f"""\
+for tool in {' '.join(OLD_TOOLS)}; do
+    for dir in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
+        rm -f "$dir/$tool"
+    done
+done
+hash -r
+for tool in {' '.join(OLD_TOOLS)}; do
+    echo "E2E tool $tool: $(command -v "$tool" || echo absent)"
+done
+export LANG=C
+unset LC_ALL LC_CTYPE LC_MESSAGES LC_COLLATE LANGUAGE PYTHONUTF8 PYTHONIOENCODING
+echo "E2E locale: LANG=$LANG LC_ALL=${{LC_ALL-unset}} PYTHONUTF8=${{PYTHONUTF8-unset}}"
+echo "E2E python3 under LANG=C: $(python3 -c 'import locale, sys
+print(sys.version.split()[0], locale.getpreferredencoding(False),
+      "utf8_mode=%d" % sys.flags.utf8_mode)')"
 """
 
-# The static scenario also prints the plan as JSON: it must show the carried connections
-# and never the WiFi key.
-STATIC_SCRIPT = f"""\
-set -u
-echo "E2E stage1 start"
-{RUNTIME} check
-{RUNTIME} plan --json
-{RUNTIME} stage1 --yes --reboot --backup-script {GUEST_BACKUP_SCRIPT}
-echo "E2E stage1 exit=$?"
-"""
+
+def migrate_script(*, plan_json: bool = False, old_tools: bool = False) -> str:
+    """The legacy guest's autorun script for migrate(): check, then stage 1 with --reboot.
+    A failed stage 1 prints its exit code and powers the guest off (no wait for the
+    timeout; not while the reboot stage 1 asked for is under way).
+
+    plan_json: also `plan --json` (the static scenario: it must show the carried
+    connections and never the WiFi key). old_tools: OLD_TOOLS_PREAMBLE first."""
+    return "".join([
+        "set -u\n",
+        'echo "E2E stage1 start"\n',
+        OLD_TOOLS_PREAMBLE if old_tools else "",
+        f"{RUNTIME} check\n",
+        f"{RUNTIME} plan --json\n" if plan_json else "",
+        f"{RUNTIME} stage1 --yes --reboot --backup-script {GUEST_BACKUP_SCRIPT}\n",
+        "code=$?\n",
+        f'echo "{STAGE1_EXIT}$code"\n',
+        '[ "$code" = 0 ] || [ "$(systemctl is-system-running)" = stopping ] || poweroff\n',
+    ])
+
 
 FALLBACK_SCRIPT = f"""\
 set -u
@@ -194,12 +242,16 @@ class StaticNetwork:
         return f"resin-migrate-{self.interface}", f"resin-migrate-{self.wifi_interface}"
 
 
+Table = dict[int, tuple[int, int, str, bool]]  # number -> (start, size, type, bootable)
+
+
 @dataclass
 class E2EResult:
     boot: BootResult
     report: ResinosReport | None
     times: dict[str, float] = field(default_factory=dict)   # milestone -> seconds
     keyfiles: dict[str, configparser.ConfigParser] = field(default_factory=dict)
+    tables: dict[str, Table] = field(default_factory=dict)  # "legacy", "final": sfdisk's
 
     def durations(self) -> dict[str, float]:
         t = self.times
@@ -285,26 +337,91 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
 
 def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
             network: StaticNetwork | None = None,
-            release: Release = FLASHER_RELEASE) -> E2EResult:
+            release: Release = FLASHER_RELEASE, old_tools: bool = False) -> E2EResult:
     """Migrate a legacy VM of this layout end to end with the bootable flasher of release;
-    E2EError unless resinOS reports what check_report lists. With network, the legacy
-    device is configured so (see StaticNetwork) and its keyfiles must be on the migrated
-    resin-boot, its WiFi key in no log (check_network)."""
+    E2EError unless the legacy disk's table is spec's before the boot, resinOS reports what
+    check_report lists and the disk's table is then the resinOS image's (check_tables, read
+    by sfdisk on the host). With network, the legacy device is configured so (see
+    StaticNetwork) and its keyfiles must be on the migrated resin-boot, its WiFi key in no
+    log (check_network). With old_tools, the guest has no OLD_TOOLS and runs the runtime
+    under LANG=C (OLD_TOOLS_PREAMBLE), and its log must say so (check_old_tools)."""
     bundle = build_bundle(workdir, release)
     disk = prepare_disk(spec, bundle, workdir, network.files if network else None)
+    legacy_table = check_legacy_table(spec, disk)
     # where flash-data will be: the old swap area (from the start without a swap partition)
     swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0] \
         if network else 0
-    result = boot(disk, autorun=STATIC_SCRIPT if network else MIGRATE_SCRIPT, timeout=timeout,
-                  until="RESINOS-REPORT end", log_dir=workdir)
+    result = boot(disk, autorun=migrate_script(plan_json=network is not None,
+                                               old_tools=old_tools),
+                  timeout=timeout, until="RESINOS-REPORT end", log_dir=workdir)
     times = milestone_times(result)
+    if old_tools and "stage 1" in times:
+        check_old_tools(result)
     if "resinOS report" not in times:
+        exit_line = next((line for _, line in result.serial1 if line.startswith(STAGE1_EXIT)),
+                         "")
+        if exit_line and exit_line != f"{STAGE1_EXIT}0":
+            fails = [line for _, line in result.serial1 if line.startswith("FAIL")]
+            raise E2EError("stage 1", f"stage 1 exited with {exit_line[len(STAGE1_EXIT):]} "
+                           f"and the guest powered off; check: {'; '.join(fails) or '-'}",
+                           result)
         raise E2EError(last_phase(times), f"no resinOS report ({result.reason} after "
                                           f"{result.seconds:.0f} s)", result)
     report = parse_report(result.serial0_text)
     check_report(report, result, release)
+    final_table = check_tables(disk, release, result)
     keyfiles = check_network(network, disk, swap_start, result) if network else {}
-    return E2EResult(boot=result, report=report, times=times, keyfiles=keyfiles)
+    return E2EResult(boot=result, report=report, times=times, keyfiles=keyfiles,
+                     tables={"legacy": legacy_table, "final": final_table})
+
+
+def _table(disk: Path) -> Table:
+    """The disk's partition table as sfdisk reads it on the host, in sectors."""
+    table = sfdisk_json(disk)
+    return {int(str(part["node"])[len(str(disk)):].lstrip("p")):
+            (int(part["start"]), int(part["size"]), str(part["type"]),
+             bool(part.get("bootable", False)))
+            for part in table.get("partitions", [])}
+
+
+def table_text(table: Table) -> str:
+    return ", ".join(f"p{n} {start}+{size} type {kind}{' boot' if boot else ''}"
+                     for n, (start, size, kind, boot) in sorted(table.items()))
+
+
+def check_legacy_table(spec: LegacySpec, disk: Path) -> Table:
+    """The legacy disk's table before the boot, read by sfdisk: partitions(spec), sector for
+    sector (with Alignment.CYLINDER: p1 at sector 63, the logical swap 63 sectors after the
+    extended partition's start). E2EError otherwise; returns the table."""
+    found = _table(disk)
+    wanted = {p.number: (p.start, p.size, p.type, p.bootable) for p in partitions(spec)}
+    if found != wanted:
+        raise E2EError("legacy disk", f"sfdisk reads {table_text(found)}; the spec is "
+                       f"{table_text(wanted)}", None)
+    return found
+
+
+def check_tables(disk: Path, release: Release, result: BootResult) -> Table:
+    """After the migration the disk's table (sfdisk on the host) is the resinOS image's,
+    partition for partition: stage 2 wrote its boot records. E2EError otherwise."""
+    found = _table(disk)
+    image = _table(cached_bootable_resinos(release))
+    if found != image:
+        raise E2EError("migrated table", f"the migrated disk's table is {table_text(found)}; "
+                       f"the resinOS image's is {table_text(image)}", result)
+    return found
+
+
+def check_old_tools(result: BootResult) -> None:
+    """The guest's log says OLD_TOOLS were gone before stage 1 and the runtime ran under
+    LANG=C (OLD_TOOLS_PREAMBLE); E2EError otherwise (the scenario would prove nothing)."""
+    lines = [line for _, line in result.serial1]
+    problems = [f"the guest did not report {tool} absent before stage 1"
+                for tool in OLD_TOOLS if f"E2E tool {tool}: absent" not in lines]
+    if OLD_TOOLS_LOCALE not in lines:
+        problems.append(f"no {OLD_TOOLS_LOCALE!r} line before stage 1")
+    if problems:
+        raise E2EError("stage 1", "; ".join(problems), result)
 
 
 def check_report(report: ResinosReport, result: BootResult, release: Release) -> None:

@@ -209,6 +209,35 @@ def test_the_runtime_zipapp_runs(built: BuildResult, python: str) -> None:
     assert "ok  flash-rootA.gz" in verified.stdout
 
 
+def _pythons_before_3_4() -> list[str]:
+    """The interpreters older than the runtime's 3.4 that pyenv holds on this machine."""
+    versions = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
+    found = []
+    for python in sorted(versions.glob("*/bin/python")):
+        parts = python.parent.parent.name.split(".")[:2]
+        if all(part.isdigit() for part in parts) and tuple(map(int, parts)) < (3, 4):
+            found.append(str(python))
+    return found
+
+
+@pytest.mark.parametrize("python", _pythons_before_3_4() or [None],
+                         ids=lambda python: Path(python).parent.parent.name if python else "none")
+def test_an_older_python_is_refused_with_a_sentence(built: BuildResult,
+                                                    python: str | None) -> None:
+    """The zipapp's first module parses on Python 2.7 and 3.3 (builder/bundle.py PYZ_MAIN,
+    runtime/stdlib.py): a sentence naming the interpreter and exit code 5, no SyntaxError."""
+    if python is None:
+        pytest.skip("no Python older than 3.4 under $(pyenv root)/versions")
+    version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    result = subprocess.run([python, str(built.out / "resin-migrate.pyz"), "check"],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 5, result.stderr
+    assert result.stderr.startswith(f"resin-migrate needs Python 3.4 or later; this is Python "
+                                    f"{version} ({python})."), result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
 def test_verify_names_a_damaged_stream(built: BuildResult, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(built.out, copy)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import StaticNetwork, fallback, migrate
+from tests.e2e import (
+    OLD_TOOLS,
+    OLDTOOLS_SPEC,
+    StaticNetwork,
+    fallback,
+    migrate,
+    table_text,
+)
 from tests.powercut import instants, run_matrix, table
 from tests.rig.bootimages import FLASHER_RELEASE, OLDER_RELEASE
 from tests.rig.legacy import LegacySpec, SwapPlacement
@@ -17,8 +24,11 @@ from tests.rig.legacy import LegacySpec, SwapPlacement
 pytestmark = [pytest.mark.vm, pytest.mark.loop]
 
 
-@pytest.mark.parametrize("placement", [SwapPlacement.PRIMARY, SwapPlacement.LOGICAL],
-                         ids=["primary-swap", "logical-swap"])
+# The logical swap of the default run is the old release's layout below (p1 at sector 63,
+# the swap 63 sectors into a cylinder-aligned extended partition); the 1 MiB-aligned one
+# runs on loop devices in every run (tests/test_stage1.py) and in the VM with
+# `invoke e2e --scenario logical`.
+@pytest.mark.parametrize("placement", [SwapPlacement.PRIMARY], ids=["primary-swap"])
 def test_legacy_vm_migrates_to_resinos(placement: SwapPlacement, tmp_path: Path) -> None:
     """With the 2.113 flasher: its initramfs migrator declines, systemd runs stage 2."""
     result = migrate(LegacySpec(placement=placement), tmp_path, release=FLASHER_RELEASE)
@@ -48,6 +58,19 @@ def test_static_network_is_carried_to_resin_boot(tmp_path: Path) -> None:
     assert ethernet["ethernet"]["mac-address"].upper() == network.mac.upper()
     print(f"\nmigration with a static address ({', '.join(sorted(result.keyfiles))} on "
           f"resin-boot):\n{result.summary()}")
+
+
+def test_an_old_release_without_sfdisk_and_lsblk_under_lang_c_migrates(tmp_path: Path) -> None:
+    """p1 at sector 63 and the logical swap 63 sectors into a cylinder-aligned extended
+    partition (DOS compatibility), no sfdisk and no lsblk in the guest, stage 1 under LANG=C:
+    the logical-swap migration otherwise (`invoke e2e --scenario oldtools`)."""
+    result = migrate(OLDTOOLS_SPEC, tmp_path, old_tools=True)
+    said = [line for _, line in result.boot.serial1 if line.startswith("E2E tool ")]
+    assert said == [f"E2E tool {tool}: absent" for tool in OLD_TOOLS]
+    assert result.tables["legacy"][1][0] == 63
+    print(f"\nmigration of an old release's device (no {', '.join(OLD_TOOLS)}, LANG=C):\n"
+          f"  legacy table: {table_text(result.tables['legacy'])}\n"
+          f"  final table: {table_text(result.tables['final'])}\n{result.summary()}")
 
 
 @pytest.mark.parametrize("name", [name for name, instant in instants(None).items()

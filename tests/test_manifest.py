@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
-from builder.layout import ReferenceLayout
 from runtime.errors import ManifestError
+from runtime.layout import Layout
 from runtime.manifest import (
     SCHEMA_VERSION,
     Boot,
@@ -23,6 +24,9 @@ from runtime.manifest import (
 )
 
 SHA = "ab" * 32
+# layouts/resinos-image.json as builder.layout.ReferenceLayout reads it, without the
+# builder: these tests also run on the runtime's old Pythons (tasks.py)
+RESINOS_LAYOUT = Path(__file__).resolve().parent.parent / "layouts" / "resinos-image.json"
 
 
 def _manifest() -> Manifest:
@@ -49,7 +53,8 @@ def _manifest() -> Manifest:
             size=300 << 20, sha256=SHA, raw_size=1800 << 20, raw_sha256=SHA,
             stream_size=504 << 20, stream_sha256=SHA,
             extents=[[0, 4 << 20, SHA], [4 << 20, 100 << 20, SHA], [400 << 20, 400 << 20, SHA]],
-            layout=ReferenceLayout.load("resinos-image").layout, data_free=850 << 20),
+            layout=Layout.from_dict(json.loads(RESINOS_LAYOUT.read_text(encoding="utf-8"))
+                                    ["layout"], str(RESINOS_LAYOUT)), data_free=850 << 20),
         boot=Boot(kernel_label="flash-rootA", kernel="/boot/bzImage", initrd=None,
                   cmdline="root=LABEL=flash-rootA flasher rootwait vt.global_cursor_default=0 "
                           "console=ttyS0,115200n8 console=tty0 panic=10",

@@ -25,16 +25,22 @@ from tests.test_stage1 import Device, device  # noqa: F401  (the loop-device fix
 
 DATA = Path(__file__).resolve().parent / "data" / "network"
 CASES = sorted(path.name for path in DATA.iterdir() if path.is_dir())
-LIVE_FILES = {("ip", "-j", "addr"): "ip-j-addr.json", ("ip", "-j", "route"): "ip-j-route.json",
-              ("ip", "-o", "addr"): "ip-o-addr.txt", ("ip", "route"): "ip-route.txt",
-              ("ip", "-o", "link"): "ip-o-link.txt"}
+# what each command printed; `ip -j route` of iproute2 4.14-4.16 (Ubuntu 18.04) is text
+LIVE_FILES = {("ip", "-j", "addr"): ("ip-j-addr.json", "ip-j-addr.txt"),
+              ("ip", "-j", "route"): ("ip-j-route.json", "ip-j-route.txt"),
+              ("ip", "-o", "addr"): ("ip-o-addr.txt",), ("ip", "route"): ("ip-route.txt",),
+              ("ip", "-o", "link"): ("ip-o-link.txt",)}
 
 
-def recorded_ip(live: Path):
+def recorded_ip(live: Path, ran: list[tuple[str, ...]] | None = None):
     """run_ip for read_live: the recorded output, or None as a failing `ip` would give."""
     def run_ip(argv: list[str]) -> str | None:
-        path = live / LIVE_FILES[tuple(argv)]
-        return path.read_text() if path.exists() else None
+        if ran is not None:
+            ran.append(tuple(argv))
+        for name in LIVE_FILES[tuple(argv)]:
+            if (live / name).exists():
+                return (live / name).read_text()
+        return None
     return run_ip
 
 
@@ -389,3 +395,69 @@ def test_without_iproute2_the_macs_come_from_sysfs(tmp_path: Path) -> None:
     parsed.read_string(next(iter(keyfiles.values())))
     assert parsed["ethernet"]["mac-address"].upper() == "52:54:00:12:34:56"
     assert parsed["ipv4"]["address1"] == "192.168.5.10/24,192.168.5.1"
+
+
+# iproute2 generations, each with what read_live must run and the default route it finds:
+# 3.12 (Ubuntu 14.04) refuses -j ('Option "-j" is unknown', ip/ip.c at v3.12.0), 4.15
+# (Ubuntu 18.04) prints JSON for `ip -j addr` but text for `ip -j route` (ip/iproute.c had
+# no JSON until v4.17.0), 4.17 and later JSON for both
+@pytest.mark.parametrize(("case", "ran", "route"), [
+    ("ubuntu1404-ifupdown-static",
+     [("ip", "-j", "addr"), ("ip", "-o", "addr"), ("ip", "-o", "link"), ("ip", "route")],
+     ("eth0", "192.168.1.1")),
+    ("ubuntu1804-netplan-static", [("ip", "-j", "addr"), ("ip", "-j", "route")],
+     ("enp0s31f6", "10.20.30.1")),
+    ("debian-ifupdown-dhcp", [("ip", "-j", "addr"), ("ip", "-j", "route")], None),
+], ids=["iproute2-3.12", "iproute2-4.15", "iproute2-4.17"])
+def test_ip_output_form_is_decided_per_command(case: str, ran: list[tuple[str, ...]],
+                                               route: tuple[str, str] | None) -> None:
+    live = DATA / case / "live"
+    commands: list[tuple[str, ...]] = []
+    state = read_live(recorded_ip(live, commands), sysroot_reader(str(DATA / case / "root")),
+                      str(live / "sys-class-net"))
+    assert commands == ran
+    assert state.routes, "no route read"
+    if route is not None:
+        assert (state.routes[0].dev, state.routes[0].gateway) == route
+    assert all(link.name for link in state.links.values())
+
+
+def test_ip_j_route_text_of_iproute2_4_15() -> None:
+    """The recorded `ip -j route` of 4.15 is print_route's text (each field "%s ", a newline
+    after the last: ip/iproute.c at v4.15.0), which is not JSON: parsed as text."""
+    from runtime.netconfig import live
+    text = (DATA / "ubuntu1804-netplan-static/live/ip-j-route.txt").read_text()
+    assert all(line.endswith(" ") for line in text.splitlines())
+    assert not live.is_json(text)
+    with pytest.raises(ValueError):
+        live.parse_route_json(text)
+    [default] = live.parse_route_text(text)
+    assert (default.dev, default.gateway, default.protocol) == ("enp0s31f6", "10.20.30.1",
+                                                                "static")
+    assert live.is_json((DATA / "debian-ifupdown-dhcp/live/ip-j-route.json").read_text())
+    assert live.is_json("[]") and not live.is_json("") and not live.is_json("[{") and \
+        not live.is_json(None)
+
+
+def test_ip_j_addr_printing_text_falls_back_to_the_text_commands() -> None:
+    """An iproute2 that ignores -j for addresses too (exit 0, text) is read through `ip -o
+    addr`, `ip -o link` and `ip route`; `ip -j route` is not asked."""
+    live_dir = DATA / "ubuntu1404-ifupdown-static" / "live"
+    recorded = recorded_ip(live_dir)
+    commands: list[tuple[str, ...]] = []
+
+    def run_ip(argv: list[str]) -> str | None:
+        commands.append(tuple(argv))
+        if argv == ["ip", "-j", "addr"]:
+            return ("1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN \n"
+                    "    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n"
+                    "    inet 127.0.0.1/8 scope host lo\n")
+        return recorded(argv)
+
+    state = read_live(run_ip, sysroot_reader(str(DATA / "ubuntu1404-ifupdown-static/root")),
+                      str(live_dir / "sys-class-net"))
+    assert commands == [("ip", "-j", "addr"), ("ip", "-o", "addr"), ("ip", "-o", "link"),
+                        ("ip", "route")]
+    assert state.links["eth0"].addresses[0]["address"] == "192.168.1.50"
+    assert state.links["eth0"].mac == "00:1E:67:0A:4B:21"
+    assert [(r.dev, r.gateway) for r in state.routes] == [("eth0", "192.168.1.1")]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from runtime import grub
+from runtime import run as run_module
+from runtime.errors import CommandError
 from runtime.preflight import Preflight
+from runtime.run import Result
 
 
 def _sysroot(tmp_path: Path, grub_version: str | None, os_id: str = "ubuntu") -> Path:
@@ -29,15 +34,142 @@ def _sysroot(tmp_path: Path, grub_version: str | None, os_id: str = "ubuntu") ->
     return root
 
 
-@pytest.mark.parametrize(("version", "ok"), [("2.06-13+deb12u1", True), ("2.02~beta2-9", True),
-                                             ("1.99-21ubuntu3", False), (None, True)])
-def test_grub_version(tmp_path: Path, version: str | None, ok: bool) -> None:
-    preflight = Preflight(str(_sysroot(tmp_path, version)), str(tmp_path))
-    preflight.check_grub()
+class _Chroot:
+    """grub.Chroot for check_grub_version: the device's grub-probe --version prints
+    `printed` (exit 0), or fails (None)."""
+
+    def __init__(self, printed: str | None) -> None:
+        self.printed = printed
+        self.ran: list[list[str]] = []
+
+    def __call__(self, sysroot: str) -> _Chroot:
+        return self
+
+    def __enter__(self) -> _Chroot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, argv: list[str]) -> Result:
+        self.ran.append(argv)
+        if self.printed is None:
+            raise CommandError(argv, 64, "grub-probe: error: unknown option")
+        return Result(argv, 0, self.printed, "")
+
+
+# what GRUB's tools print for --version: "%s (%s) %s\n", program, PACKAGE_NAME ("GRUB"),
+# PACKAGE_VERSION (grub-core/kern/emu/argp_common.c at grub-2.02-beta2); Debian and Ubuntu
+# builds print their package version
+@pytest.mark.parametrize(("dpkg", "printed", "ok", "named"), [
+    ("2.06-13+deb12u1", "grub-probe (GRUB) 2.06-13+deb12u1\n", True,
+     "2.06-13+deb12u1 (dpkg: grub-common), 2.06-13+deb12u1 (grub-probe --version)"),
+    ("2.02-2ubuntu8", "grub-probe (GRUB) 2.02-2ubuntu8\n", True, "2.02-2ubuntu8"),  # 18.04
+    ("2.02~beta3-5", "grub-probe (GRUB) 2.02~beta3-5\n", True, "2.02~beta3-5"),       # Debian 9
+    ("2.02~beta2-9ubuntu1", "grub-probe (GRUB) 2.02~beta2-9ubuntu1\n", True,          # 14.04
+     "2.02~beta2-9ubuntu1 (dpkg: grub-common)"),
+    (None, "grub-probe (GRUB) 2.02~beta2\n", True, "2.02~beta2 (grub-probe --version)"),
+    ("2.02~beta1-5", "grub-probe (GRUB) 2.02~beta1-5\n", False,
+     "GRUB 2.02~beta1-5 (dpkg: grub-common) is older than 2.02~beta2"),
+    ("2.00-22ubuntu3", "grub-probe (GRUB) 2.00-22ubuntu3\n", False,                   # 13.10
+     "GRUB 2.00-22ubuntu3 (dpkg: grub-common) is older than 2.02~beta2"),
+    ("1.99-21ubuntu3", None, False, "GRUB 1.99-21ubuntu3 (dpkg: grub-common) is older"),
+    # a GRUB installed by hand over the package: the one that runs decides too
+    ("2.02~beta2-9", "grub-probe (GRUB) 2.00\n", False,
+     "GRUB 2.00 (grub-probe --version) is older than 2.02~beta2"),
+    (None, None, None, "unknown"),
+], ids=["bookworm", "bionic", "stretch", "trusty", "source-built", "beta1", "saucy", "precise",
+        "by-hand", "unknown"])
+def test_grub_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dpkg: str | None,
+                      printed: str | None, ok: bool | None, named: str) -> None:
+    chroot = _Chroot(printed)
+    monkeypatch.setattr(grub, "Chroot", chroot)
+    preflight = Preflight(str(_sysroot(tmp_path, dpkg)), str(tmp_path))
+    preflight.check_grub_version()
     [check] = preflight.checks
+    assert (check.name, check.ok) == ("GRUB version", ok), check.found
+    assert named in check.found
+    assert chroot.ran == [["grub-probe", "--version"]]
+    if ok is False:
+        assert check.needed == "GRUB 2.02~beta2 or later"
+        assert "upgrade GRUB to 2.02~beta2 or later" in check.hint
+
+
+def test_grub_version_refusal_is_exit_10(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GRUB too old fails `check` (exit 10, nothing changed) like any other check."""
+    from runtime.preflight import RefusedError
+    monkeypatch.setattr(grub, "Chroot", _Chroot("grub-probe (GRUB) 2.00-22\n"))
+    preflight = Preflight(str(_sysroot(tmp_path, "2.00-22")), str(tmp_path))
+    preflight.check_grub_version()
+    assert not preflight.passed and RefusedError.exit_code == 10
+
+
+def _fake_zstd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str, stderr: str = "",
+               code: int = 0) -> None:
+    """A `zstd` on the runtime's minimal PATH that prints what a given release prints."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "zstd"
+    script.write_text(f"#!/bin/sh\nprintf '%s' '{stdout}'\nprintf '%s' '{stderr}' >&2\n"
+                      f"exit {code}\n")
+    script.chmod(0o755)
+    monkeypatch.setitem(run_module._BASE_ENV, "PATH", str(bin_dir))
+
+
+# `zstd -V` of each generation (programs/zstdcli.c, WELCOME_MESSAGE): to stdout from 0.4,
+# to stderr in 0.1-0.3; 1.5 renamed the program "Zstandard CLI"
+@pytest.mark.parametrize(("stdout", "stderr", "code", "ok", "found"), [
+    ("*** zstd command line interface 64-bits v1.3.3, by Yann Collet ***\n", "", 0, True,
+     "zstd 1.3.3"),
+    ("*** Zstandard CLI (64-bit) v1.5.5, by Yann Collet ***\n", "", 0, True, "zstd 1.5.5"),
+    ("*** zstd command line interface 64-bits v1.0.0, by Yann Collet ***\n", "", 0, True,
+     "zstd 1.0.0"),
+    ("*** zstd command line interface 64-bits v0.5.1, by Yann Collet (Feb 20 2016) ***\n", "",
+     0, False, "zstd 0.5.1"),
+    ("", "*** zstd command line interface 64-bits v0.0.1, by Yann Collet (Jan 24 2015) ***\n",
+     0, False, "zstd 0.0.1"),
+    ("", "zstd: unknown argument -V\n", 1, False, "zstd -V named no version"),
+], ids=["1.3.3", "1.5.5", "1.0.0", "0.5.1", "0.1-stderr", "unparsable"])
+def test_zstd_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stdout: str,
+                      stderr: str, code: int, ok: bool, found: str) -> None:
+    _fake_zstd(tmp_path, monkeypatch, stdout, stderr, code)
+    preflight = Preflight(str(_sysroot(tmp_path, None)), str(tmp_path))
+    preflight.target.manifest = SimpleNamespace(  # type: ignore[assignment]
+        streams=[SimpleNamespace(compression="gzip"), SimpleNamespace(compression="zstd")])
+    preflight.check_tools()
+    [check] = [check for check in preflight.checks if check.name == "zstd"]
     assert check.ok is ok, check.found
+    assert check.found.startswith(found)
+    assert check.needed == "zstd 1.0 or later (this bundle's streams are zstd)"
     if not ok:
-        assert "older than 2.00" in check.found
+        assert "install zstd 1.0 or later" in check.hint
+        assert "invoke build-flasher --stream-compression gzip" in check.hint
+        assert not preflight.passed
+
+
+def test_zstd_bundle_without_zstd_names_gzip(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setitem(run_module._BASE_ENV, "PATH", str(tmp_path / "empty"))
+    preflight = Preflight(str(_sysroot(tmp_path, None)), str(tmp_path))
+    preflight.target.manifest = SimpleNamespace(  # type: ignore[assignment]
+        streams=[SimpleNamespace(compression="zstd")])
+    preflight.check_tools()
+    tools, zstd = preflight.checks
+    assert tools.ok is False and "zstd from zstd" in tools.hint
+    assert (zstd.name, zstd.ok, zstd.found) == ("zstd", False, "no zstd program")
+    assert "--stream-compression gzip" in zstd.hint
+
+
+def test_gzip_bundle_asks_nothing_of_zstd(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_zstd(tmp_path, monkeypatch, "*** zstd command line interface 64-bits v0.5.1 ***\n")
+    preflight = Preflight(str(_sysroot(tmp_path, None)), str(tmp_path))
+    preflight.target.manifest = SimpleNamespace(  # type: ignore[assignment]
+        streams=[SimpleNamespace(compression="gzip")])
+    preflight.check_tools()
+    assert [check.name for check in preflight.checks] == ["tools"]
 
 
 @pytest.mark.parametrize(("os_id", "ok"), [("ubuntu", True), ("debian", True),

@@ -8,6 +8,7 @@ whether the device's working route can be carried at all (`refusal`).
 import os
 import re
 
+from ..files import decode, read_text
 from . import ETHERNET, WIFI, Connection, NetworkError, keyfile, live, nmconnection, wpa
 from . import ifupdown as ifupdown_module
 from . import netplan as netplan_module
@@ -37,7 +38,7 @@ def sysroot_reader(sysroot):
             if not os.path.isfile(full):
                 return None
             with open(full, "rb") as handle:
-                return handle.read(FILE_LIMIT).decode("utf-8", "replace")
+                return decode(handle.read(FILE_LIMIT))
         except (IOError, OSError):
             return None
     return read
@@ -424,14 +425,21 @@ def read_live(run_ip, read, sys_class_net="/sys/class/net"):
     # type: (Callable[[List[str]], Optional[str]], Callable[[str], Optional[str]], str) -> live.LiveState  # noqa: E501
     """The live state through run_ip(argv) -> stdout or None (a failed command)."""
     dns = live.dns_of(read)
+    # JSON or text is decided per command: iproute2 before 4.14 refuses -j (or may print
+    # text), 4.14-4.16 print JSON for addresses but text for `ip -j route`
     addr = run_ip(["ip", "-j", "addr"])
-    route = run_ip(["ip", "-j", "route"]) if addr is not None else None
-    if addr is not None and route is not None and addr.lstrip().startswith("["):
-        state = live.from_outputs(addr, route, dns)
-    else:
-        state = live.from_outputs(run_ip(["ip", "-o", "addr"]) or "",
-                                  run_ip(["ip", "route"]) or "", dns,
-                                  link=run_ip(["ip", "-o", "link"]) or "", json_output=False)
+    addr_json = live.is_json(addr)
+    links = ""
+    if not addr_json:
+        addr = run_ip(["ip", "-o", "addr"])
+        links = run_ip(["ip", "-o", "link"]) or ""
+    route = run_ip(["ip", "-j", "route"]) if addr_json else None
+    route_json = live.is_json(route)
+    if route is None or (not route_json and not route.strip()):
+        route = run_ip(["ip", "route"])     # -j failed: the text form
+        route_json = False
+    state = live.from_outputs(addr or "", route or "", dns, link=links, json_output=addr_json,
+                              route_json=route_json)
     _links_from_sysfs(state, sys_class_net)
     for name, link in state.links.items():
         if os.path.isdir(os.path.join(sys_class_net, name, "wireless")):
@@ -449,10 +457,9 @@ def _links_from_sysfs(state, sys_class_net):
         return
     for name in names:
         try:
-            with open(os.path.join(sys_class_net, name, "address")) as handle:
-                mac = handle.read().strip()
-            with open(os.path.join(sys_class_net, name, "type")) as handle:
-                ether = handle.read().strip() == "1"     # ARPHRD_ETHER (WiFi too)
+            mac = read_text(os.path.join(sys_class_net, name, "address")).strip()
+            # type 1: ARPHRD_ETHER (WiFi too)
+            ether = read_text(os.path.join(sys_class_net, name, "type")).strip() == "1"
         except (IOError, OSError):
             continue
         if not ether or not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", mac):

@@ -9,7 +9,7 @@ import hashlib
 import os
 import re
 
-from ..files import fsync_directory, write_atomic
+from ..files import encode, fsync_directory, write_atomic
 from . import WIFI
 
 MYPY = False
@@ -35,7 +35,7 @@ def file_name(interface, index=0):
 def stable_uuid(text):
     # type: (str) -> str
     """A name-based (version 5 style) UUID: the same device gives the same keyfiles."""
-    digest = bytearray(hashlib.sha1(b"resin-migrate keyfile " + text.encode("utf-8")).digest())
+    digest = bytearray(hashlib.sha1(b"resin-migrate keyfile " + encode(text)).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50
     digest[8] = (digest[8] & 0x3F) | 0x80
     hexed = "".join("{:02x}".format(byte) for byte in digest[:16])
@@ -57,7 +57,7 @@ def ssid_value(ssid):
     """The SSID as text when plain, else as NetworkManager's list of byte values."""
     if SIMPLE_SSID.match(ssid):
         return ssid
-    return "".join("{};".format(byte) for byte in bytearray(ssid.encode("utf-8")))
+    return "".join("{};".format(byte) for byte in bytearray(encode(ssid)))
 
 
 def render(connection, name):
@@ -140,7 +140,7 @@ def write_all(texts, directory):
             raise ValueError("keyfile name {!r} does not match {}".format(
                 name, NAME_PATTERN.pattern))
         path = os.path.join(directory, name)
-        data = text.encode("utf-8")
+        data = encode(text)
         write_atomic(path, data, mode=0o600)
         with open(path, "rb") as check:
             if check.read() != data:

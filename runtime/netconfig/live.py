@@ -1,7 +1,10 @@
 """The live state: interfaces, addresses and routes as the kernel has them, and DNS.
 
-`ip -j addr` and `ip -j route` where iproute2 has JSON output (4.14 and later); the text
-of `ip -o addr`, `ip -o link` and `ip route` on older releases (Ubuntu 14.04). The parsers
+`ip -j addr` and `ip -j route` where iproute2 has JSON output; the text of `ip -o addr`,
+`ip -o link` and `ip route` where it has not, decided per command from what `ip` printed:
+iproute2 before 4.14 (Ubuntu 14.04's 3.12, 16.04's 4.3) refuses `-j` ("Option "-j" is
+unknown", ip/ip.c), and 4.14 to 4.16 (Ubuntu 18.04's 4.15) print JSON for `ip -j addr` but
+the usual text for `ip -j route` (ip/iproute.c had no JSON output until 4.17). The parsers
 take the commands' output, so tests feed recorded output.
 """
 
@@ -154,14 +157,27 @@ def dns_of(read):
             "source": source if servers else ""}
 
 
-def from_outputs(addr, route, dns, link="", json_output=True):
-    # type: (str, str, Dict[str, object], str, bool) -> LiveState
-    """A LiveState from the text `ip` printed (JSON or, for old iproute2, text)."""
-    if json_output:
-        links = parse_addr_json(addr)
+def is_json(text):
+    # type: (Optional[str]) -> bool
+    """Whether `ip -j ...` printed JSON (a list), rather than the text of an iproute2 that
+    ignores -j for this object, or nothing."""
+    if not text or not text.lstrip().startswith("["):
+        return False
+    try:
+        return isinstance(json.loads(text), list)
+    except ValueError:
+        return False
+
+
+def from_outputs(addr, route, dns, link="", json_output=True, route_json=None):
+    # type: (str, str, Dict[str, object], str, bool, Optional[bool]) -> LiveState
+    """A LiveState from the text `ip` printed: addr as JSON when json_output (else `ip -o
+    addr` text, with `ip -o link`'s), route as JSON when route_json (default: json_output)."""
+    links = parse_addr_json(addr) if json_output else \
+        parse_addr_text(addr, parse_link_text(link))
+    if json_output if route_json is None else route_json:
         routes = parse_route_json(route)
     else:
-        links = parse_addr_text(addr, parse_link_text(link))
         routes = parse_route_text(route)
     return LiveState(links, routes, list(dns["servers"]),  # type: ignore[call-overload]
                      str(dns["source"]), list(dns["search"]))  # type: ignore[call-overload]

@@ -8,6 +8,7 @@ releases (`[ethernet]`, `[wifi]`, `address1=a/24,gw`).
 import configparser
 import re
 
+from ..files import decode
 from . import ETHERNET, WIFI, Connection, is_ipv4, split_address
 
 MYPY = False
@@ -44,7 +45,7 @@ def _ssid(value):
     """ssid=text, or the list of byte values (`ssid=77;121;` as 0.9 wrote it)."""
     if re.match(r"^(\d{1,3};)+\d{0,3}$", value):
         data = bytearray(int(byte) for byte in value.split(";") if byte)
-        return data.decode("utf-8", "replace")
+        return decode(bytes(data))     # bytes that are not UTF-8 kept (files.py)
     return _unescape(value)
 
 

@@ -2,6 +2,7 @@
 
 import re
 
+from ..files import decode
 from . import WIFI, Connection
 
 MYPY = False
@@ -46,7 +47,7 @@ def _ssid(value):
     if value.startswith('"'):
         return _unquote(value)
     try:
-        return bytes(bytearray.fromhex(value)).decode("utf-8")
+        return decode(bytes(bytearray.fromhex(value)))     # other bytes kept (files.py)
     except ValueError:
         return value
 

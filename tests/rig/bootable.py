@@ -15,7 +15,9 @@ and a QEMU run of it that reads both serial ports live.
   tools VM (tests.rig.vm), chrooted into the legacy root mounted from /dev/sda1 with /dev,
   /proc and /sys bound. The VM has udev, so grub.cfg says ``root=UUID=<ROOT_UUID>`` and
   carries the ``--hint-bios=hd0,msdos1`` search hints of an installed system. (On the host
-  grub-install cannot map a loop device to a BIOS drive.)
+  grub-install cannot map a loop device to a BIOS drive.) The MBR is read back: core.img
+  must be embedded in the gap before p1 (62 sectors with ``Alignment.CYLINDER``), never
+  left in /boot/grub behind blocklists.
 - ``quiet`` dropped from ``GRUB_CMDLINE_LINUX_DEFAULT``: the kernel's and systemd's boot
   messages go to ttyS0 (``console=ttyS0,115200`` and GRUB's serial terminal were already
   set by tests.rig.rootfs), so a failed boot can be read in the log.
@@ -55,6 +57,7 @@ run ends and what the disk holds then).
 from __future__ import annotations
 
 import logging
+import struct
 import tempfile
 import time
 from collections.abc import Sequence
@@ -63,7 +66,7 @@ from pathlib import Path
 from tests import imaging
 from tests.imaging import BootError, BootResult, Drive, cached
 from tests.rig import RigError, run
-from tests.rig.legacy import ROOT_UUID, LegacySpec, cached_legacy_image, legacy_key
+from tests.rig.legacy import ROOT_UUID, LegacySpec, cached_legacy_image, legacy_key, partitions
 from tests.rig.vm import run_script
 
 __all__ = [
@@ -182,6 +185,7 @@ systemctl --root="$root" mask serial-getty@ttyS1.service
 sed -i 's/^GRUB_CMDLINE_LINUX_DEFAULT=.*/GRUB_CMDLINE_LINUX_DEFAULT=""/' "$root/etc/default/grub"
 grep -qx 'GRUB_CMDLINE_LINUX_DEFAULT=""' "$root/etc/default/grub"
 chroot "$root" grub-install --target=i386-pc /dev/sda
+echo "core.img: $(stat -c %s "$root/boot/grub/i386-pc/core.img") bytes"
 chroot "$root" update-grub
 cfg="$root/boot/grub/grub.cfg"
 echo "grub.cfg: $(grep -m1 -E '^[[:space:]]*linux[[:space:]]' "$cfg" | sed 's/^[[:space:]]*//')"
@@ -204,16 +208,27 @@ def _key(spec: LegacySpec) -> str:
     return imaging.key(spec, legacy_key(spec), Path(__file__))
 
 
-def _check_mbr(image: Path) -> None:
+def _check_mbr(image: Path, spec: LegacySpec) -> None:
+    """GRUB's boot code in the MBR and core.img embedded in the gap before p1 (boot.img's
+    kernel sector 1, diskboot.img's blocklist from sector 2 ending before p1), not left in
+    /boot/grub with blocklists (GRUB's include/grub/i386/pc/boot.h, util/setup.c)."""
     with open(image, "rb") as f:
         mbr = f.read(512)
+        diskboot = f.read(512)
     if mbr[510:512] != b"\x55\xaa" or not any(mbr[:440]) or b"GRUB" not in mbr[:440]:
         raise RigError(f"{image}: no GRUB boot code in the MBR after grub-install")
+    kernel_sector = int.from_bytes(mbr[0x5C:0x64], "little")
+    start, length = struct.unpack_from("<QH", diskboot, 512 - 12)
+    first = partitions(spec)[0].start
+    if kernel_sector != 1 or start != 2 or not 0 < length <= first - start:
+        raise RigError(f"{image}: grub-install did not embed core.img before p1 (sector "
+                       f"{first}): boot.img points at sector {kernel_sector}, diskboot.img's "
+                       f"first blocklist at {start}+{length}")
 
 
-def _install(image: Path) -> None:
-    """Install GRUB and the autorun unit into image (a copy of a legacy image) in the
-    tools VM; raise RigError unless every check passed."""
+def _install(image: Path, spec: LegacySpec) -> None:
+    """Install GRUB and the autorun unit into image (a copy of a legacy image of spec) in
+    the tools VM; raise RigError unless every check passed."""
     with tempfile.TemporaryDirectory(prefix="bootable-rig-") as tmp_name:
         files = Path(tmp_name)
         (files / "wrapper").write_text(_WRAPPER_TEXT)
@@ -233,8 +248,10 @@ def _install(image: Path) -> None:
         w.startswith(("root=/dev/loop", "root=/dev/sd")) for w in words
     ):
         raise RigError(f"update-grub in the VM wrote an unexpected linux line: {linux!r}")
-    _check_mbr(image)
-    log.info("GRUB installed into %s in the tools VM in %.0f s", image, result.seconds)
+    _check_mbr(image, spec)
+    core = next((line for line in lines if line.startswith("core.img: ")), "core.img: ?")
+    log.info("GRUB installed into %s in the tools VM in %.0f s (%s)", image, result.seconds,
+             core)
 
 
 def bootable_legacy_image(spec: LegacySpec | None = None) -> Path:
@@ -246,7 +263,7 @@ def bootable_legacy_image(spec: LegacySpec | None = None) -> Path:
     def build(tmp: Path) -> None:
         run(["cp", "--sparse=always", cached_legacy_image(spec), tmp])
         started = time.monotonic()
-        _install(tmp)
+        _install(tmp, spec)
         log.info("GRUB and the autorun unit installed in %.0f s", time.monotonic() - started)
 
     return cached(f"bootable-legacy-{_key(spec)}.img", build)

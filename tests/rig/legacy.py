@@ -7,13 +7,23 @@ way Debian and Ubuntu installers lay them out, for the runtime's loop-device tes
         # python3 resin-migrate.pyz stage1 --disk {dev.device} --sysroot {sysroot}
         ...
 
-Layouts (msdos, 1 MiB alignment, disk identifier ``DISK_ID``):
+Layouts (msdos, disk identifier ``DISK_ID``), with ``Alignment.MIB`` (the default: 1 MiB,
+as fdisk, parted and the installers align since about 2010):
 
 - PRIMARY: p1 root ext4 (bootable), p2 swap (type 82); free space after p2 if any;
 - LOGICAL (Ubuntu's default): p1 root ext4 (bootable), p2 extended (type 05) to the end
   of the disk, p5 swap (type 82) 1 MiB into p2;
 - ``with_swap_partition=False``: p1 root ext4 (bootable) over the whole disk and a
   64 MiB swap file ``/swapfile`` (Ubuntu 17.04 and later: the refusal case).
+
+``Alignment.CYLINDER`` is the same layout as fdisk and partman made it in DOS compatibility
+mode (Ubuntu before about 2010, and many devices imaged from such installs): a geometry of
+255 heads and 63 sectors a track, p1 at sector 63, every partition ending on a cylinder
+boundary (16065 sectors; sizes rounded up to whole cylinders), the extended partition
+starting on one and ending at the last whole cylinder of the disk, and the logical p5 63
+sectors after its boot record (the extended partition's first sector). The gap before p1
+is 62 sectors (31 KiB): GRUB's core.img must fit there (grub-install embeds it, the VM
+rig checks; GRUB refuses blocklists without --force).
 
 The root filesystem is ext4 labelled ``legacy-root`` (UUID ``ROOT_UUID``) holding the
 rootfs of ``tests.rig.rootfs``; ``/etc/fstab`` names ``/`` by UUID and the swap as
@@ -55,6 +65,7 @@ from tests.rig.rootfs import debian_rootfs, mounts_below, rootfs_key, unmount_be
 
 __all__ = [
     "SwapPlacement",
+    "Alignment",
     "LegacySpec",
     "LegacyDevice",
     "Partition",
@@ -66,6 +77,8 @@ __all__ = [
     "APPDATA_EMPTY_DIRS",
     "APPDATA_OWNERS",
     "SWAPFILE_MIB",
+    "TRACK",
+    "CYLINDER",
     "appdata_files",
     "partitions",
     "spec_of_image",
@@ -89,7 +102,9 @@ ROOT_LABEL = "legacy-root"
 ROOT_UUID = "3f2b9c1e-7d4a-4e8b-9a61-2c5d8e0f1a37"
 DISK_ID = 0x1E9AC1D5
 SWAPFILE_MIB = 64
-
+#: DOS compatibility (Alignment.CYLINDER): 63 sectors a track, 255 heads
+TRACK = 63
+CYLINDER = 255 * TRACK
 
 
 # --------------------------------------------------------------------------- spec
@@ -98,6 +113,13 @@ SWAPFILE_MIB = 64
 class SwapPlacement(enum.Enum):
     PRIMARY = "primary"
     LOGICAL = "logical"
+
+
+class Alignment(enum.Enum):
+    """Where partitions start: 1 MiB boundaries, or DOS cylinders with p1 at sector 63."""
+
+    MIB = "mib"
+    CYLINDER = "cylinder"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +135,7 @@ class LegacySpec:
     swap_uuid: str = "8c6f1e2a-4b3d-4f5e-a7c9-0d1e2f3a4b5c"
     with_swap_partition: bool = True  # False: a swap file /swapfile instead (refusal case)
     appdata: bool = True  # /srv/appdata: a small deterministic dataset (~2 MiB)
+    alignment: Alignment = Alignment.MIB  # CYLINDER: p1 at sector 63 (see the docstring)
 
     def __post_init__(self) -> None:
         if self.fstab_swap not in ("UUID", "LABEL", "PATH"):
@@ -147,11 +170,31 @@ class Partition:
         return self.start + self.size
 
 
+def _cylinders(mib: int) -> int:
+    """Whole cylinders holding at least mib MiB."""
+    return -(-mib * _MIB_SECTORS // CYLINDER)
+
+
+def _cylinder_partitions(spec: LegacySpec, disk: int) -> list[Partition]:
+    last = disk // CYLINDER * CYLINDER  # fdisk leaves the partial last cylinder unused
+    if not spec.with_swap_partition:
+        return [Partition(1, TRACK, last - TRACK, "83", True)]
+    root_end = _cylinders(spec.root_mib) * CYLINDER
+    root = Partition(1, TRACK, root_end - TRACK, "83", True)
+    swap_size = _cylinders(spec.swap_mib) * CYLINDER
+    if spec.placement is SwapPlacement.PRIMARY:
+        return [root, Partition(2, root_end, swap_size, "82")]
+    ext = Partition(2, root_end, last - root_end, "5")
+    return [root, ext, Partition(5, ext.start + TRACK, swap_size - TRACK, "82")]
+
+
 def partitions(spec: LegacySpec) -> list[Partition]:
-    """The partition table of spec, in sectors (1 MiB alignment)."""
+    """The partition table of spec, in sectors (its alignment: see the module docstring)."""
     disk = spec.disk_mib * _MIB_SECTORS
     first = _MIB_SECTORS
-    if not spec.with_swap_partition:
+    if spec.alignment is Alignment.CYLINDER:
+        parts = _cylinder_partitions(spec, disk)
+    elif not spec.with_swap_partition:
         parts = [Partition(1, first, disk - first, "83", True)]
     else:
         root = Partition(1, first, spec.root_mib * _MIB_SECTORS, "83", True)
@@ -162,9 +205,10 @@ def partitions(spec: LegacySpec) -> list[Partition]:
             ext = Partition(2, root.end, disk - root.end, "5")
             parts = [root, ext, Partition(5, ext.start + _MIB_SECTORS, swap_size, "82")]
     if min(p.size for p in parts) <= 0 or max(p.end for p in parts) > disk:
+        gap = "1 MiB" if spec.alignment is Alignment.MIB else "63 sectors, whole cylinders"
         raise ValueError(
             f"partitions do not fit a {spec.disk_mib} MiB disk: root {spec.root_mib} MiB, "
-            f"swap {spec.swap_mib} MiB, 1 MiB before p1 (and before p5)"
+            f"swap {spec.swap_mib} MiB, {gap} before p1 (and before p5)"
         )
     return parts
 
@@ -295,21 +339,37 @@ class LegacyDevice:
         return None if n is None else self.partition(n)
 
 
+def _mib_of_cylinders(end: int) -> int:
+    """The smallest size in MiB that _cylinders rounds up to end (sectors, a whole number
+    of cylinders)."""
+    return (end // CYLINDER - 1) * CYLINDER // _MIB_SECTORS + 1
+
+
 def spec_of_image(image: Path) -> LegacySpec:
     """The spec of a legacy image as far as its partition table tells: placement, disk,
-    root and swap sizes, swap partition or not; the other fields are the defaults."""
+    root and swap sizes, swap partition or not, alignment; the other fields are the
+    defaults. With Alignment.CYLINDER the sizes are the smallest that give the table's
+    cylinders (partitions() of the result is the table; the sizes it was built with may
+    have been larger by up to a cylinder)."""
     table = json.loads(run(["sfdisk", "--json", image]).stdout)["partitiontable"]
     parts = {int(re.sub(r"^.*?(\d+)$", r"\1", p["node"])): p for p in table["partitions"]}
     disk_mib = Path(image).stat().st_size // MiB if Path(image).is_file() else 0
     if not disk_mib:
         disk_mib = int(run(["blockdev", "--getsize64", image]).stdout) // MiB
+    cylinder = 1 in parts and parts[1]["start"] == TRACK
+    alignment = Alignment.CYLINDER if cylinder else Alignment.MIB
     root_mib = parts[1]["size"] // _MIB_SECTORS if 1 in parts else 0
+    if cylinder:
+        root_mib = _mib_of_cylinders(parts[1]["start"] + parts[1]["size"])
     swaps = [n for n, p in parts.items() if p["type"] == "82"]
     if not swaps:
-        return LegacySpec(disk_mib=disk_mib, with_swap_partition=False)
+        return LegacySpec(disk_mib=disk_mib, with_swap_partition=False, alignment=alignment)
     placement = SwapPlacement.PRIMARY if swaps[0] < 5 else SwapPlacement.LOGICAL
     swap_mib = parts[swaps[0]]["size"] // _MIB_SECTORS
-    return LegacySpec(placement, disk_mib=disk_mib, root_mib=root_mib, swap_mib=swap_mib)
+    if cylinder:
+        swap_mib = _mib_of_cylinders(parts[swaps[0]]["size"] + (TRACK if swaps[0] >= 5 else 0))
+    return LegacySpec(placement, disk_mib=disk_mib, root_mib=root_mib, swap_mib=swap_mib,
+                      alignment=alignment)
 
 
 def _wait_for_nodes(nodes: list[str], timeout: float = 10.0) -> None:
@@ -490,6 +550,10 @@ def make_legacy_image(path: Path, spec: LegacySpec = LegacySpec()) -> None:
     run(["sfdisk", "--no-reread", "--no-tell-kernel", path], stdin=sfdisk_script(spec))
     with tempfile.TemporaryDirectory(prefix="legacy-grub-") as tmp:
         boot_img, core_img = grub_boot_code(Path(tmp), prefix="(hd0,msdos1)/boot/grub")
+    gap = (partitions(spec)[0].start - 1) * SECTOR
+    if len(core_img) > gap:  # Alignment.CYLINDER: 62 sectors
+        raise RigError(f"this host's core.img ({len(core_img)} bytes) does not fit the "
+                       f"{gap} bytes before p1 of {spec}")
     write_at(path, 0, boot_img[:440])     # disk identifier and table stay
     write_at(path, SECTOR, core_img)
     with tempfile.TemporaryDirectory(prefix="legacy-build-") as tmp, attached(path, spec) as dev:

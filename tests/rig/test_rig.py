@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from tests.rig.legacy import (
     APPDATA_EMPTY_DIRS,
     APPDATA_OWNERS,
     APPDATA_SYMLINKS,
+    CYLINDER,
     DISK_ID,
     ROOT_LABEL,
     ROOT_UUID,
     SWAPFILE_MIB,
+    Alignment,
     LegacySpec,
     SwapPlacement,
     appdata_files,
@@ -38,6 +41,8 @@ from tests.rig.legacy import (
 PRIMARY = LegacySpec()
 LOGICAL = LegacySpec(placement=SwapPlacement.LOGICAL)
 SWAPFILE = LegacySpec(with_swap_partition=False)
+#: the oldtools e2e scenario's disk: p1 at sector 63, DOS cylinders
+CYLINDER_LOGICAL = LegacySpec(placement=SwapPlacement.LOGICAL, alignment=Alignment.CYLINDER)
 MiB = 1 << 20
 
 
@@ -91,6 +96,25 @@ def test_layouts_in_sectors() -> None:
     assert f"label-id: 0x{DISK_ID:08x}" in sfdisk_script(LOGICAL)
 
 
+def test_cylinder_layouts_in_sectors() -> None:
+    """As fdisk made them in DOS compatibility mode: p1 at 63, ends on cylinders (255 heads,
+    63 sectors), the extended partition to the last whole cylinder, p5 63 sectors into it."""
+    logical = {p.number: p for p in partitions(CYLINDER_LOGICAL)}
+    assert sorted(logical) == [1, 2, 5]
+    root, ext, swap = logical[1], logical[2], logical[5]
+    assert (root.start, root.end, root.type, root.bootable) == (63, 196 * CYLINDER, "83", True)
+    assert (ext.start, ext.end, ext.type) == (root.end, 391 * CYLINDER, "5")
+    assert ext.end <= 3072 * 2048 < ext.end + CYLINDER
+    assert swap.start == ext.start + 63 and swap.end == ext.start + 131 * CYLINDER
+    assert swap.size * 512 >= 1024 * MiB and root.size * 512 >= 1536 * MiB
+    primary = partitions(LegacySpec(alignment=Alignment.CYLINDER))
+    assert [(p.number, p.start, p.end, p.type) for p in primary] == [
+        (1, 63, 196 * CYLINDER, "83"), (2, 196 * CYLINDER, 327 * CYLINDER, "82")]
+    only = partitions(LegacySpec(with_swap_partition=False, alignment=Alignment.CYLINDER))
+    assert [(p.number, p.start, p.end) for p in only] == [(1, 63, 391 * CYLINDER)]
+    assert "start=63, size=3148677, type=83, bootable" in sfdisk_script(CYLINDER_LOGICAL)
+
+
 def test_spec_refuses_what_cannot_exist() -> None:
     with pytest.raises(ValueError, match="fstab_swap"):
         LegacySpec(fstab_swap="PARTUUID")
@@ -99,6 +123,8 @@ def test_spec_refuses_what_cannot_exist() -> None:
     with pytest.raises(ValueError, match="do not fit"):  # p5 needs 1 MiB for its EBR
         LegacySpec(placement=SwapPlacement.LOGICAL, disk_mib=2561)
     LegacySpec(placement=SwapPlacement.PRIMARY, disk_mib=2561)
+    with pytest.raises(ValueError, match="63 sectors, whole cylinders"):
+        LegacySpec(placement=SwapPlacement.LOGICAL, alignment=Alignment.CYLINDER, disk_mib=2561)
 
 
 @pytest.mark.parametrize(
@@ -363,6 +389,32 @@ def test_cleanup_of_a_clean_run(tmp_path: Path) -> None:
 )
 def test_spec_read_back_from_the_table(spec: LegacySpec) -> None:
     assert spec_of_image(cached_legacy_image(spec)) == spec
+
+
+@pytest.mark.loop
+def test_cylinder_table_as_old_fdisk_wrote_it() -> None:
+    """sfdisk reads the spec's sectors; p5's boot record is the extended partition's first
+    sector with p5 63 sectors after it; the rig's core.img ends before p1 (its ext4
+    superblock intact); spec_of_image gives a spec of the same table."""
+    image = cached_legacy_image(CYLINDER_LOGICAL)
+    parts = {p.number: p for p in partitions(CYLINDER_LOGICAL)}
+    table = sfdisk_json(image)
+    found = {int(p["node"].rsplit("img", 1)[1]): (p["start"], p["size"], p["type"])
+             for p in table["partitions"]}
+    assert found == {n: (p.start, p.size, p.type) for n, p in parts.items()}
+    with open(image, "rb") as f:
+        f.seek(parts[2].start * 512)
+        ebr = f.read(512)
+        f.seek(63 * 512 + 1024 + 0x38)
+        ext4_magic = f.read(2)
+    assert ebr[510:] == b"\x55\xaa"
+    kind, rel_start, size = struct.unpack_from("<4xB3xII", ebr, 446)
+    assert (kind, rel_start, size) == (0x82, 63, parts[5].size)
+    assert ebr[446 + 16:446 + 32] == bytes(16)  # the last logical: no link
+    assert ext4_magic == b"\x53\xef"
+    read_back = spec_of_image(image)
+    assert read_back.alignment is Alignment.CYLINDER
+    assert partitions(read_back) == partitions(CYLINDER_LOGICAL)
 
 
 @pytest.mark.loop
