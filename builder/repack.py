@@ -56,6 +56,8 @@ MIB = 1 << 20
 ROOTFS_HEADROOM = 16 * MIB
 PARTITION_ALIGN = 4 * MIB
 NETWORK_FILE_LIMIT = 64 * 1024
+# The partitions whose streams carry secrets: flash-boot holds config.json and the keyfiles.
+SECRET_LABELS = ("flash-boot",)
 
 
 @dataclass(frozen=True)
@@ -193,8 +195,13 @@ def build(options: BuildOptions, progress: Progress) -> BuildResult:
         )
         (staging.dir / MANIFEST_NAME).write_bytes(dumps(manifest))
         build_pyz(staging.dir / RUNTIME_NAME)
+        # flash-boot's stream carries the fleet's config.json (its API key) and the WiFi
+        # keys of --network: readable by its owner only, from here to the device (the
+        # staging directory is 0700 until the bundle is in place)
+        secret = {label + SUFFIX[options.stream_compression] for label in SECRET_LABELS}
         for path in staging.dir.iterdir():
-            path.chmod(0o755 if path.name == RUNTIME_NAME else 0o644)
+            path.chmod(0o755 if path.name == RUNTIME_NAME else
+                       0o600 if path.name in secret else 0o644)
         write_sums(staging.dir).chmod(0o644)
         files = {path.name: path.stat().st_size for path in sorted(staging.dir.iterdir())}
         staging.commit()

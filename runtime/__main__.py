@@ -12,6 +12,7 @@ import argparse  # noqa: E402  (after the check, which names a missing module cl
 import json  # noqa: E402
 
 from . import __version__, log  # noqa: E402
+from .backup import DEFAULT_TIMEOUT, DEFAULT_VOLUMES  # noqa: E402
 from .errors import MigrateError  # noqa: E402
 from .stage2names import GUARD_TIMEOUT  # noqa: E402
 
@@ -48,7 +49,8 @@ def _source(args):
         if args.bundle_url:
             from .fetch import Fetcher
             fetcher = Fetcher(ca_file=args.ca_file and os.path.abspath(args.ca_file),
-                              allow_http=args.allow_http, retries=args.retries)
+                              allow_http=args.allow_http, retries=args.retries,
+                              auth_file=args.auth_file and os.path.abspath(args.auth_file))
             args.source = RemoteBundle(args.bundle_url, fetcher)
         else:
             args.source = LocalBundle(args.bundle)
@@ -103,7 +105,8 @@ def _plan_lines(preflight):
     from .system import partition_path
     swap = partition_path(disk, target.swap.number)
     lines = [
-        "1. run the backup script, if given, into an empty directory; pack it as backup.tgz",
+        "1. try the backup script, if given (its DIR/VOLUME/ layout and size checked "
+        "against what the Supervisor restores and resin-data holds); place the partitions",
         "2. record the partition table of {} and the swap signature of {} (UUID {}, LABEL "
         "{}) in /var/lib/resin-migrate".format(disk, swap,
                                               target.swap_probe.get("UUID", "-"),
@@ -130,8 +133,10 @@ def _plan_lines(preflight):
         "6. {} each stream onto its partition, read it back with O_DIRECT, compare "
         "sha256".format("download from {} and write".format(preflight.target.bundle)
                         if getattr(preflight.target.bundle, "remote", False) else "write"),
-        "7. mkfs.ext4 flash-data; write manifest.json, stage2.env, backup.tgz and the log",
-        "8. add /etc/grub.d/42_resin-migrate booting {} from {} with '{}', update-grub, "
+        "7. mkfs.ext4 flash-data; write manifest.json, stage2.env and the log",
+        "8. the backup, taken last: --before-backup, the script, backup.tgz (0600) onto "
+        "flash-data, read back, its size and sha256 into stage2.env",
+        "9. add /etc/grub.d/42_resin-migrate booting {} from {} with '{}', update-grub, "
         "grub-reboot (one boot only)".format(manifest.boot.kernel, manifest.boot.kernel_label,
                                             manifest.boot.cmdline),
         "then, after the reboot, stage 2 writes resinOS ({} MiB, ending before sector {}; "
@@ -193,10 +198,25 @@ def _seconds(text):
     return value
 
 
+def _volumes(text):
+    # type: (str) -> tuple
+    """--backup-volumes: names a balena release may give its volumes (no path, no dotfile)."""
+    import re
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    bad = [name for name in names if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError("expected volume names separated by commas, found "
+                                         "{!r}".format(text))
+    return names
+
+
 def cmd_stage1(args):
     from .stage1 import Options, run_stage1
     return run_stage1(Options(sysroot=args.sysroot, bundle=args.bundle, disk=args.disk,
                               backup_script=args.backup_script, yes=args.yes,
+                              backup_volumes=args.backup_volumes,
+                              backup_timeout=args.backup_timeout,
+                              before_backup=args.before_backup,
                               reboot=args.reboot, confirm=_ask, source=_source(args),
                               network_ok=args.network_ok,
                               guard_timeout=args.stage2_timeout))
@@ -263,6 +283,13 @@ def build_parser():
     parser.add_argument("--ca-file", metavar="PEM",
                         help="with --bundle-url: trust only the CA certificate(s) in PEM for "
                              "the server's certificate (default: the system's CA store)")
+    parser.add_argument("--auth-file", metavar="PATH",
+                        help="with --bundle-url: send the one line in PATH (mode 0600) as the "
+                             "Authorization header, e.g. 'Bearer TOKEN', to the bundle's server "
+                             "only (not after a redirect elsewhere). Without it, credentials "
+                             "for the server's host in ~/.netrc (or $NETRC) are sent as Basic "
+                             "authentication. Never give a credential on the command line: "
+                             "ps shows it")
     parser.add_argument("--allow-http", action="store_true",
                         help="with --bundle-url: allow a plain http:// URL. Nothing then "
                              "authenticates the server: the manifest's sha256 values are the "
@@ -301,13 +328,32 @@ def build_parser():
                "would write. Changes nothing.")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     stage1 = add("stage1", cmd_stage1, "swap area -> flasher partitions, one-shot GRUB entry",
-                 "Run the checks, then: backup, swapoff, fstab, repartition the swap area, "
-                 "stream-write and verify the flasher, flash-data with the stage 2 inputs, "
-                 "and a GRUB entry for the next boot only. Resumable: run it again after an "
-                 "interruption. Undo with rollback (before rebooting).")
+                 "Run the checks, then: a trial of the backup script, swapoff, fstab, "
+                 "repartition the swap area, stream-write and verify the flasher, flash-data "
+                 "with the stage 2 inputs, the backup (taken last), and a GRUB entry for the "
+                 "next boot only. Resumable: run it again after an interruption. Run again "
+                 "after it completed, it takes the backup again. Undo with rollback (before "
+                 "rebooting).")
     stage1.add_argument("--backup-script", metavar="PATH",
-                        help="run PATH DIR on an empty DIR; DIR becomes backup.tgz in "
-                             "resin-data (the balena Supervisor restores it)")
+                        help="run PATH DIR on an empty DIR (mode 0700); DIR becomes "
+                             "backup.tgz (mode 0600) in resin-data, which the balena "
+                             "Supervisor restores into the app's volumes: put the data into "
+                             "DIR/VOLUME/ for each volume (DIR/resin-data/ for a "
+                             "single-container app); anything else at the top of DIR is "
+                             "refused. Its output goes to the log")
+    stage1.add_argument("--backup-volumes", type=_volumes, default=",".join(DEFAULT_VOLUMES),
+                        metavar="NAME[,NAME...]",
+                        help="the volumes of the app's release the backup may fill, the "
+                             "top-level directories of DIR (default: %(default)s)")
+    stage1.add_argument("--before-backup", metavar="COMMAND",
+                        help="run COMMAND (by sh -c) right before the backup is taken, at "
+                             "the end of stage 1: e.g. stop the app, so that its files are "
+                             "consistent (its output goes to the log; a failure stops stage "
+                             "1, which resumes there)")
+    stage1.add_argument("--backup-timeout", type=int, default=DEFAULT_TIMEOUT,
+                        metavar="SECONDS",
+                        help="stop the backup script after this long and refuse (default: "
+                             "%(default)s)")
     stage1.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     stage1.add_argument("--reboot", action="store_true",
                         help="reboot into the flasher when stage 1 is complete")

@@ -14,6 +14,7 @@ the rest with a Range request (If-Range: the file must not have changed), up to
 """
 
 import logging
+import os
 import re
 import time
 
@@ -77,10 +78,14 @@ class Fetcher(object):
     """One configured client: TLS, proxies, redirects, retries."""
 
     def __init__(self, ca_file=None, allow_http=False, retries=RETRIES, delay=RETRY_DELAY,
-                 timeout=TIMEOUT):
-        # type: (Optional[str], bool, int, float, float) -> None
+                 timeout=TIMEOUT, auth_file=None):
+        # type: (Optional[str], bool, int, float, float, Optional[str]) -> None
         self.ca_file = ca_file
         self.allow_http = allow_http
+        # the file holding the Authorization header's value (its path is recorded, never
+        # the value: not on a command line, in the log or in the state file)
+        self.auth_file = auth_file
+        self._authorization = read_authorization(auth_file) if auth_file else None
         self.retries = retries
         self.delay = delay
         self.timeout = timeout
@@ -118,8 +123,12 @@ class Fetcher(object):
             class Redirects(request.HTTPRedirectHandler):
                 def redirect_request(self, req, fp, code, msg, headers, newurl):
                     fetcher.check_url(newurl)
-                    return request.HTTPRedirectHandler.redirect_request(
+                    new = request.HTTPRedirectHandler.redirect_request(
                         self, req, fp, code, msg, headers, newurl)
+                    if new is not None and _origin(newurl) != _origin(req.full_url):
+                        # the credentials are the bundle server's: never sent elsewhere
+                        new.remove_header("Authorization")
+                    return new
 
             self._opener = request.build_opener(request.ProxyHandler(),
                                                 request.HTTPSHandler(context=context),
@@ -140,6 +149,9 @@ class Fetcher(object):
             headers["Range"] = "bytes={}-".format(offset)
             if validator:
                 headers["If-Range"] = validator
+        authorization = self.authorization(url)
+        if authorization:
+            headers["Authorization"] = authorization
         req = request.Request(url, headers=headers, method=method)
         try:
             return self.opener.open(req, timeout=self.timeout)
@@ -241,6 +253,62 @@ class Fetcher(object):
     def open(self, url, size):
         # type: (str, int) -> RemoteFile
         return RemoteFile(self, url, size)
+
+
+    def authorization(self, url):
+        # type: (str) -> Optional[str]
+        """The Authorization header for url: --auth-file's, else from ~/.netrc (or $NETRC)
+        for the URL's host, as curl and wget read it; None without either."""
+        if self._authorization is not None:
+            return self._authorization
+        return netrc_authorization(url)
+
+
+def read_authorization(path):
+    # type: (str) -> str
+    """The header value in path (e.g. 'Bearer TOKEN'), which no one else may read."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as handle:
+            value = handle.read().decode("utf-8", "strict").strip()
+    except (EnvironmentError, UnicodeDecodeError) as exc:
+        raise FetchError("--auth-file {}: cannot read it ({})".format(path, exc)) from exc
+    if mode & 0o077:
+        raise FetchError("--auth-file {} is readable by others (mode {:o}): it holds a "
+                         "credential; chmod 600 it".format(path, mode & 0o777))
+    if not value or "\n" in value or "\r" in value:
+        raise FetchError("--auth-file {}: expected one line, the Authorization header's "
+                         "value (for example 'Bearer TOKEN')".format(path))
+    return value
+
+
+def netrc_authorization(url):
+    # type: (str) -> Optional[str]
+    """Basic credentials for url's host from the netrc file, if it has them."""
+    import base64
+    try:
+        import netrc
+        from urllib.parse import urlsplit
+    except ImportError:  # pragma: no cover - both are in the standard library
+        return None
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    if not os.path.isfile(path):
+        return None
+    try:
+        found = netrc.netrc(path).authenticators(urlsplit(url).hostname or "")
+    except (netrc.NetrcParseError, EnvironmentError) as exc:
+        raise FetchError("{}: cannot read it ({})".format(path, exc)) from exc
+    if not found or found[2] is None:
+        return None
+    pair = "{}:{}".format(found[0] or "", found[2]).encode("utf-8")
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def _origin(url):
+    # type: (str) -> tuple
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return (parts.scheme, parts.hostname, parts.port)
 
 
 def _certificate_failure(ssl, reason):

@@ -8,6 +8,7 @@ import os
 
 from . import blockdev, bootcore, grub, mbr, system
 from . import disk as disk_module
+from .backup import room as backup_room
 from .errors import MigrateError
 from .manifest import Manifest  # noqa: F401  (type comments)
 from .plan import MIB, PlanError, place
@@ -48,8 +49,6 @@ GRUB_TOOLS = (("grub-reboot", "grub2-common (grub-common on older releases)"),
 UNWRITABLE_ABSTRACTIONS = ("lvm", "diskfilter", "mdraid", "raid", "cryptodisk", "luks",
                            "geli")
 SWAPOFF_MARGIN = 64 * MIB
-# Free space kept in resin-data beyond the backup (directory blocks, journal slack).
-BACKUP_MARGIN = 4 * MIB
 SUPPORTED_OS = ("debian", "ubuntu")
 
 
@@ -541,7 +540,4 @@ class Preflight(object):
             self.add("network", None, note)
 
 
-def backup_room(manifest):
-    # type: (Manifest) -> int
-    """The largest backup.tgz stage 2 can put into the image's resin-data."""
-    return max(0, manifest.inner_image.data_free - BACKUP_MARGIN)
+

@@ -8,6 +8,7 @@ import os
 
 from . import blockdev, bootcore, grub, log, system
 from . import disk as disk_module
+from .backup import BACKUP_NAME
 from .errors import MigrateError
 from .files import encode, read_text, write_atomic
 from .run import run
@@ -50,8 +51,8 @@ def rollback(sysroot="/"):
     if swap.get("active") and system.swap_in_use(swap["node"]) is None:
         run(["swapon", swap["node"]])
         log.log.info("rollback: swap %s on again", swap["node"])
-    backup = state.get("backup")
-    if backup and os.path.exists(backup):
+    backup = state.file(BACKUP_NAME)     # left by a backup step that failed
+    if os.path.exists(backup):
         os.unlink(backup)
     kept = state.retire("rolled-back")
     log.log.info("rollback complete; the record of stage 1 is kept in %s", kept)

@@ -6,6 +6,7 @@ CommandError carrying the command, its exit code and its stderr.
 
 import logging
 import os
+import signal
 import subprocess
 
 from .errors import CommandError, ToolMissingError
@@ -42,19 +43,22 @@ def quote_command(argv):
 class Result(object):
     """What a finished command printed."""
 
-    def __init__(self, argv, returncode, stdout, stderr):
-        # type: (list, int, str, str) -> None
+    def __init__(self, argv, returncode, stdout, stderr, timed_out=False):
+        # type: (list, int, str, str, bool) -> None
         self.argv = argv
         self.returncode = returncode
         self.stdout = stdout
         self.stderr = stderr
+        self.timed_out = timed_out    # stopped after run()'s timeout
 
 
-def run(argv, env=None, input_text=None, check=True, ok_codes=(0,), cwd=None):
-    # type: (list, Optional[dict], Optional[str], bool, tuple, Optional[str]) -> Result
+def run(argv, env=None, input_text=None, check=True, ok_codes=(0,), cwd=None, timeout=None):
+    # type: (list, Optional[dict], Optional[str], bool, tuple, Optional[str], Optional[float]) -> Result  # noqa: E501
     """Run argv and return its output as text.
 
     Raises CommandError unless its exit code is in ok_codes (or check is false).
+    timeout: seconds, after which the command and every process it started (its own
+    session) are stopped, TERM then KILL, and the result says timed_out.
     """
     argv = [str(arg) for arg in argv]
     full_env = dict(_BASE_ENV)
@@ -64,19 +68,43 @@ def run(argv, env=None, input_text=None, check=True, ok_codes=(0,), cwd=None):
     try:
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd,
+            start_new_session=timeout is not None)
     except OSError as exc:
         if exc.errno == 2:
             raise ToolMissingError("{} is not installed (needed to run: {})".format(
                 argv[0], quote_command(argv))) from exc
         raise
-    out, err = proc.communicate(encode(input_text) if input_text is not None else None)
+    timed_out = False
+    try:
+        out, err = proc.communicate(encode(input_text) if input_text is not None else None,
+                                    timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        out, err = _stop(proc)
     # stdout is parsed (names, labels, paths): read as files are (files.py), its bytes kept;
     # stderr is only shown, in messages and the log
-    result = Result(argv, proc.returncode, decode(out), err.decode("utf-8", "replace"))
-    if check and proc.returncode not in ok_codes:
+    result = Result(argv, proc.returncode, decode(out), err.decode("utf-8", "replace"),
+                    timed_out)
+    if check and (timed_out or proc.returncode not in ok_codes):
         raise CommandError(argv, proc.returncode, result.stderr or result.stdout)
     return result
+
+
+def _stop(proc, grace=5.0):
+    # type: (subprocess.Popen, float) -> tuple
+    """End a command that ran out of time, with what it started: SIGTERM to its session,
+    SIGKILL after grace seconds; what it printed until then."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except OSError:
+            pass        # gone already
+        try:
+            return proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.communicate()
 
 
 def which(name, extra_dirs=()):

@@ -170,7 +170,7 @@ class RemoteBundle(object):
     def to_state(self):
         # type: () -> Dict[str, Any]
         return {"bundle_url": self.location, "ca_file": self.fetcher.ca_file,
-                "allow_http": self.fetcher.allow_http}
+                "allow_http": self.fetcher.allow_http, "auth_file": self.fetcher.auth_file}
 
 
 def parse_sums(data, where):
@@ -204,7 +204,8 @@ def recorded_source(state_data, retries=None):
     if not url:
         return None
     fetcher = Fetcher(ca_file=state_data.get("ca_file"),
-                      allow_http=bool(state_data.get("allow_http")))
+                      allow_http=bool(state_data.get("allow_http")),
+                      auth_file=state_data.get("auth_file"))
     if retries is not None:
         fetcher.retries = retries
     return RemoteBundle(url, fetcher)

@@ -37,8 +37,15 @@ if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from .layout import Partition  # noqa: F401
     from .manifest import Manifest  # noqa: F401
 
-STEPS = ("backup", "save", "swapoff", "fstab", "partition", "write:flash-boot",
-         "write:flash-rootA", "boot-core", "flash-data", "network", "grub", "complete")
+# The backup is taken last (step backup), so that what the device writes during the
+# downloads and writes reaches resinOS; the script runs once first too (step plan), so that
+# a backup the Supervisor could not restore, or too large, is refused before anything
+# changes.
+STEPS = ("plan", "save", "swapoff", "fstab", "partition", "write:flash-boot",
+         "write:flash-rootA", "boot-core", "flash-data", "network", "backup", "grub",
+         "complete")
+# what running stage1 again after it completed (without a reboot) does once more
+RETAKE_STEPS = ("backup", "grub", "complete")
 FSTAB_MARK = "# disabled by resin-migrate: "
 SECTOR0_COPY = "sector0.orig"    # in the state directory: sector 0 before stage 1
 # in the state directory: before the new table is written, every sector either table keeps
@@ -56,14 +63,18 @@ class Stage1Error(MigrateError):
 class Options(object):
     def __init__(self, sysroot="/", bundle=".", disk=None, backup_script=None, yes=False,
                  reboot=False, confirm=None, source=None, network_ok=False,
-                 guard_timeout=GUARD_TIMEOUT):
-        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable], Optional[Any], bool, int) -> None  # noqa: E501
+                 guard_timeout=GUARD_TIMEOUT, backup_volumes=backup_module.DEFAULT_VOLUMES,
+                 backup_timeout=backup_module.DEFAULT_TIMEOUT, before_backup=None):
+        # type: (str, str, Optional[str], Optional[str], bool, bool, Optional[Callable], Optional[Any], bool, int, Any, int, Optional[str]) -> None  # noqa: E501
         self.sysroot = sysroot
         self.bundle = bundle
         # where the streams come from: the directory `bundle`, or a URL (RemoteBundle)
         self.source = source if source is not None else LocalBundle(bundle)
         self.disk = disk
         self.backup_script = backup_script
+        self.backup_volumes = tuple(backup_volumes)
+        self.backup_timeout = backup_timeout
+        self.before_backup = before_backup  # a shell command run right before the capture
         self.yes = yes
         self.reboot = reboot
         self.confirm = confirm
@@ -81,11 +92,17 @@ def run_stage1(options):
             raise RefusedError("stage 1 is complete but the one-shot GRUB entry was used "
                                "already (the flasher ran and this system came back?): run "
                                "'status' to read why, then 'rollback'")
-        log.log.info("stage 1 is already complete and the flasher boots next; run 'rollback' "
-                     "to undo it")
-        if options.reboot and options.sysroot == "/":
-            run(["reboot"])
-        return 0
+        if not state.get("backup_script"):
+            log.log.info("stage 1 is already complete and the flasher boots next; run "
+                         "'rollback' to undo it")
+            if options.reboot and options.sysroot == "/":
+                run(["reboot"])
+            return 0
+        # the backup is as old as that run: take it again (and arm the entry again), so
+        # that what changed since reaches resinOS
+        log.log.info("stage 1 is already complete and the flasher boots next; taking the "
+                     "backup again (the last one is %s old)", _age(state.get("backup_taken")))
+        state.undo(RETAKE_STEPS)
     if state.exists and not state.done("save"):
         # Only the backup ran: nothing on the disk changed, so start again from the checks.
         state.retire("restarted")
@@ -124,6 +141,11 @@ def run_stage1(options):
     else:
         log.log.info("stage 1 complete: reboot to start the flasher (it boots once; if it "
                      "fails, the next boot is this system again)")
+        if state.get("backup_script"):
+            log.log.info("the backup was taken at %s: what changes on this device after it "
+                         "does not reach resinOS. Run stage1 again right before rebooting to "
+                         "take it again (or use --reboot)", time.strftime(
+                             "%Y-%m-%d %H:%M:%S", time.localtime(state.get("backup_taken"))))
     return 0
 
 
@@ -215,8 +237,16 @@ class Runner(object):
                     self.step_write(step.split(":", 1)[1])
                 else:
                     getattr(self, name)()
-            except (RefusedError, backup_module.BackupError):
+            except RefusedError:
                 raise
+            except backup_module.BackupError as exc:
+                if step == "plan":      # the trial: nothing has changed yet
+                    raise backup_module.BackupError("{} Nothing was changed.".format(
+                        exc)) from exc
+                raise Stage1Error("stage 1 failed at step {}: {}\nThe device still boots its "
+                                  "own system. Fix that and run stage1 again (it takes the "
+                                  "backup again), or run 'resin-migrate.pyz rollback'.".format(
+                                      step, exc)) from exc
             except (MigrateError, EnvironmentError) as exc:
                 raise Stage1Error("stage 1 failed at step {}: {}\nThe device still boots its "
                                   "own system. Run 'resin-migrate.pyz rollback' to undo stage "
@@ -229,35 +259,64 @@ class Runner(object):
 
     # --- steps, each safe to repeat ---------------------------------------------------
 
-    def step_backup(self):
+    def step_plan(self):
+        """Place the flash partitions; try the backup script once. What it leaves must be
+        what the Supervisor restores and must fit in the image's resin-data: both are known
+        here, before anything changes. The backup itself is taken again at the end."""
         target = self.preflight.target
         table = _required(target.table, "partition table")
         swap = _required(target.swap, "swap partition")
         reserve = 0
-        archive = None
         if self.options.backup_script:
-            archive = backup_module.capture(self.options.backup_script, self.state.dir)
+            try:
+                archive = self._capture()
+            except backup_module.BackupError:
+                self.state.retire("refused")    # nothing else ran: the next stage1 starts anew
+                raise
             reserve = os.path.getsize(archive)
-            log.log.info("backup: %s, %d bytes", archive, reserve)
-            room = backup_room(self.manifest)
-            if reserve > room:
-                os.unlink(archive)
+            os.unlink(archive)
+            log.log.info("backup: a trial run packs %d bytes; the backup is taken at the end "
+                         "of stage 1", reserve)
+            problem = self._too_large(reserve)
+            if problem:
                 self.state.retire("refused")
-                raise RefusedError(
-                    "the backup is {} MiB; resin-data in the resinOS image has room for {} "
-                    "MiB (stage 2 puts backup.tgz there before resinOS first boots). Back up "
-                    "less. The partitions were not changed.".format(
-                        reserve >> 20, room >> 20))
+                raise RefusedError(problem + " The partitions were not changed.")
         try:
             placement = place(target.disk or "", table, swap, self.manifest, reserve)
         except PlanError as exc:
-            if archive:
-                os.unlink(archive)
             self.state.retire("refused")
             raise RefusedError("{} The partitions were not changed.".format(exc)) from exc
-        self.state.set(backup=archive, backup_size=reserve,
-                       backup_sha256=sha256_file(archive)[1] if archive else None,
+        self.state.data.update(self.backup_settings())
+        self.state.set(backup_size=0, backup_sha256=None,
                        placement=placement.to_dict(), core_start=placement.core_start)
+
+    def _capture(self):
+        # type: () -> str
+        """backup.tgz in the state directory, from the script stage 1 started with."""
+        settings = self.backup_settings()
+        return backup_module.capture(settings["backup_script"] or "", self.state.dir,
+                                     settings["backup_volumes"], settings["backup_timeout"])
+
+    def backup_settings(self):
+        # type: () -> dict
+        """The backup options of this run, else those stage 1 started with (a resumed or
+        repeated stage1 need not give them again)."""
+        given = {"backup_script": self.options.backup_script,
+                 "backup_volumes": list(self.options.backup_volumes),
+                 "backup_timeout": self.options.backup_timeout,
+                 "before_backup": self.options.before_backup}
+        if self.options.backup_script or not self.state.get("backup_script"):
+            return given
+        return dict((name, self.state.get(name, value)) for name, value in given.items())
+
+    def _too_large(self, size):
+        # type: (int) -> str
+        room = backup_room(self.manifest)
+        if size <= room:
+            return ""
+        return ("the backup is {} MiB; resin-data in this resinOS image has room for {} MiB "
+                "(stage 2 puts backup.tgz there before resinOS first boots; current images "
+                "leave about 100 MiB). Back up less.".format(size >> 20, room >> 20))
 
     def step_save(self):
         target = self.preflight.target
@@ -412,12 +471,6 @@ class Runner(object):
             write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
             shutil.copyfile(self.state.file(ARMED_MBR_COPY),
                             os.path.join(mountpoint, ARMED_MBR_NAME))
-            archive = self.state.get("backup")
-            if archive:
-                copy = os.path.join(mountpoint, backup_module.BACKUP_NAME)
-                shutil.copyfile(archive, copy)
-                if sha256_file(copy)[1] != self.state.get("backup_sha256"):
-                    raise Stage1Error("{} on flash-data reads back different".format(copy))
             self.copy_log(mountpoint)
         log.log.info("flash-data: stage 2 inputs written on %s", device)
 
@@ -438,6 +491,46 @@ class Runner(object):
         log.log.info("flash-data: %d network keyfile(s) in %s/", len(plan.keyfiles),
                      carry.KEYFILE_DIR)
 
+    def step_backup(self):
+        """The backup, taken last: the command that makes the data consistent (stopping
+        the app, say), the script, the archive onto flash-data (0600, read back), the size
+        and sha256 into stage2.env. Repeated when stage1 runs again."""
+        settings = self.backup_settings()
+        if not settings["backup_script"]:
+            log.log.info("backup: no --backup-script; resinOS starts without a backup")
+            return
+        self.state.data.update(settings)    # a repeated stage1 may name another script
+        if settings["before_backup"]:
+            _before_backup(settings["before_backup"], settings["backup_timeout"])
+        archive = self._capture()
+        size, sha256 = os.path.getsize(archive), sha256_file(archive)[1]
+        problem = self._too_large(size)
+        if problem:
+            os.unlink(archive)
+            raise Stage1Error(problem + " Make the backup smaller and run stage1 again (it "
+                              "takes the backup again), or rollback.")
+        device = system.partition_path(self.state.get("disk"), self.flash("flash-data").number)
+        with Mounted(device) as mountpoint:
+            copy = os.path.join(mountpoint, backup_module.BACKUP_NAME)
+            free = _free_bytes(mountpoint) + (os.path.getsize(copy)
+                                              if os.path.exists(copy) else 0)
+            if size > free:
+                os.unlink(archive)
+                raise Stage1Error("the backup is {} MiB; flash-data has {} MiB free. Make the "
+                                  "backup smaller and run stage1 again, or rollback".format(
+                                      size >> 20, free >> 20))
+            shutil.copyfile(archive, copy)
+            os.chmod(copy, backup_module.ARCHIVE_MODE)
+            if sha256_file(copy)[1] != sha256:
+                raise Stage1Error("{} on flash-data reads back different".format(copy))
+            values = stage2_values(self.manifest, self.placement(), self.state.get("disk_sectors"),
+                                   size, sha256, self.state.data, self.options.guard_timeout)
+            write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
+            self.copy_log(mountpoint)
+        os.unlink(archive)      # stage 2 reads the copy on flash-data
+        self.state.set(backup_size=size, backup_sha256=sha256, backup_taken=int(time.time()))
+        log.log.info("backup: backup.tgz (%d bytes, sha256 %s) on flash-data", size, sha256)
+
     def step_grub(self):
         boot = self.manifest.boot
         device = system.partition_path(self.state.get("disk"), self.flash(boot.kernel_label).number)
@@ -456,9 +549,6 @@ class Runner(object):
             log.log.info("stage 1 finished (peak memory of this process: %s); log copied to "
                          "flash-data", _peak_memory())
             self.copy_log(mountpoint)
-        archive = self.state.get("backup")
-        if archive and os.path.exists(archive):
-            os.unlink(archive)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -483,6 +573,34 @@ class Runner(object):
 def sha256_bytes(data):
     # type: (bytes) -> str
     return hashlib.sha256(data).hexdigest()
+
+
+def _before_backup(command, timeout):
+    # type: (str, int) -> None
+    """--before-backup: run by the shell, bounded like the script, its output in the log."""
+    result = run(["sh", "-c", command], check=False, timeout=timeout)
+    for stream, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+        for line in text.splitlines():
+            log.log.info("before-backup %s: %s", stream, line)
+    if result.timed_out or result.returncode != 0:
+        raise Stage1Error("--before-backup {!r} {}; run stage1 again once it works, or "
+                          "rollback".format(command, "did not end within {} s".format(timeout)
+                                            if result.timed_out else "failed (exit code {})"
+                                            .format(result.returncode)))
+
+
+def _free_bytes(path):
+    # type: (str) -> int
+    info = os.statvfs(path)
+    return info.f_bavail * info.f_frsize
+
+
+def _age(taken):
+    # type: (Optional[int]) -> str
+    if not taken:
+        return "unknown"
+    seconds = max(0, int(time.time()) - int(taken))
+    return "{} min".format(seconds // 60) if seconds >= 120 else "{} s".format(seconds)
 
 
 def _peak_memory():

@@ -6,13 +6,14 @@ whatever was checked before, and rendered in single quotes (no pattern admits on
 
 import re
 
+from .backup import room as backup_room
 from .errors import MigrateError
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import List, Tuple  # noqa: F401  # novermin
 
-FORMAT = 3
+FORMAT = 4    # 4: RM_BACKUP_ROOM
 PATTERNS = {
     "count": re.compile(r"^[0-9]{1,20}$"),
     "sha256": re.compile(r"^[0-9a-f]{64}$"),
@@ -72,6 +73,9 @@ def stage2_values(manifest, layout, disk_sectors, backup_size, backup_sha256, co
         ("RM_FLASH_START", "count", layout.protected_start),
         ("RM_DISK_SECTORS", "count", disk_sectors),
         ("RM_BACKUP_SIZE", "count", backup_size),
+        # what resin-data of the image has room for: stage 2 checks the backup against it
+        # again before its point of no return (the builder measured the image's free space)
+        ("RM_BACKUP_ROOM", "count", backup_room(manifest)),
         ("RM_CORE_START", "count", core["core_start"]),
         ("RM_CORE_SECTORS", "count", core["core_sectors"]),
         ("RM_CORE_SHA256", "sha256", core["core_sha256"]),

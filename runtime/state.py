@@ -80,6 +80,13 @@ class State(object):
             self.data["started"].append(step)
         self.save()
 
+    def undo(self, steps):
+        # type: (tuple) -> None
+        """Mark steps as not yet run (stage1 run again after it completed: they repeat)."""
+        self.data["started"] = [step for step in self.data["started"] if step not in steps]
+        self.data["done"] = [step for step in self.data["done"] if step not in steps]
+        self.save()
+
     def mark_done(self, step):
         # type: (str) -> None
         if step not in self.data["done"]:
@@ -89,15 +96,21 @@ class State(object):
 
     def save(self):
         # type: () -> None
-        if not os.path.isdir(self.dir):
-            os.makedirs(self.dir)
+        self.make_dir()
         write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+    def make_dir(self):
+        # type: () -> None
+        """The state directory, 0700: it stages the backup and keeps copies of the disk's
+        first sectors and /etc/fstab, none of them for other users."""
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir, 0o700)
+        os.chmod(self.dir, 0o700)
 
     def lock(self):
         # type: () -> None
         """Hold an exclusive lock for this process's life: one stage1 or rollback at a time."""
-        if not os.path.isdir(self.dir):
-            os.makedirs(self.dir)
+        self.make_dir()
         # kept open (and locked) until the process ends
         self._lock = open(os.path.join(self.dir, "lock"), "w")  # noqa: SIM115
         try:

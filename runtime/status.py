@@ -2,6 +2,7 @@
 
 import glob
 import os
+import time
 
 from . import log, system
 from .stage2names import JOURNAL_NAME, LOG_NAME
@@ -25,10 +26,17 @@ def status(sysroot="/", lines=15):
             STATE_DIR, STATE_FILE + ".*"))))
         phase = "no migration under way" + (
             " (last: {})".format(os.path.basename(kept[-1])) if kept else "")
-    found = {"phase": phase, "state": state.data if state.exists else None,
+    taken = state.get("backup_taken") if state.exists else None
+    age = max(0, int(time.time()) - int(taken)) if taken else None
+    if age is not None and state.done("complete"):
+        phase += "; the backup is {} min old (run stage1 again to take it again)".format(
+            age // 60)
+    found = {"phase": phase, "state": state.data if state.exists else None,  # type: dict
              "log": log_path, "log_tail": tail, "stage2_log_tail": [], "stage2_journal": [],
              # a stream being written (from --bundle-url: downloaded) right now, or None
-             "progress": state.get("progress") if state.exists else None}
+             "progress": state.get("progress") if state.exists else None,
+             # when the backup stage 2 will restore was taken: what changed since is not in it
+             "backup_taken": taken, "backup_age_seconds": age}
     if state.exists and state.done("flash-data"):
         found["stage2_log_tail"], found["stage2_journal"] = _stage2_files(
             _flash_data_device(state), lines)

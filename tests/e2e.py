@@ -62,13 +62,15 @@ from tests.rig.bootimages import (
 )
 from tests.rig.legacy import (
     APPDATA_DIR,
+    BACKUP_VOLUME,
     Alignment,
     LegacySpec,
     SwapPlacement,
-    appdata_files,
     attached,
+    backup_script_text,
     mounted_root,
     partitions,
+    restored_files,
 )
 from tests.tools import blkid, sfdisk_json, sh
 
@@ -120,6 +122,20 @@ print(sys.version.split()[0], locale.getpreferredencoding(False),
 """
 
 
+#: Written into the app's data while stage 1 writes flash-rootA, long after it started: the
+#: backup, taken last, must carry it into resinOS's volume.
+LATE_FILE = "late.txt"
+LATE_TEXT = b"written while stage 1 was writing the flasher\n"
+LATE_SAID = "E2E late file written"
+LATE_WRITER = f"""\
+( while ! grep -q "step write:flash-rootA" /var/log/resin-migrate.log 2>/dev/null; do
+      sleep 0.5
+  done
+  printf '%s\\n' "{LATE_TEXT.decode().strip()}" > /{APPDATA_DIR}/{LATE_FILE} && sync &&
+      echo "{LATE_SAID}" ) &
+"""
+
+
 def migrate_script(*, plan_json: bool = False, old_tools: bool = False) -> str:
     """The legacy guest's autorun script for migrate(): check, then stage 1 with --reboot.
     A failed stage 1 prints its exit code and powers the guest off (no wait for the
@@ -133,6 +149,7 @@ def migrate_script(*, plan_json: bool = False, old_tools: bool = False) -> str:
         OLD_TOOLS_PREAMBLE if old_tools else "",
         f"{RUNTIME} check\n",
         f"{RUNTIME} plan --json\n" if plan_json else "",
+        LATE_WRITER,
         f"{RUNTIME} stage1 --yes --reboot --backup-script {GUEST_BACKUP_SCRIPT}\n",
         "code=$?\n",
         f'echo "{STAGE1_EXIT}$code"\n',
@@ -325,7 +342,7 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
     with attached(disk, spec) as dev, mounted_root(dev) as root:
         shutil.copytree(bundle, root / GUEST_BUNDLE.lstrip("/"))
         script = root / GUEST_BACKUP_SCRIPT.lstrip("/")
-        script.write_text(f'#!/bin/sh\nset -e\ncp -a /{APPDATA_DIR}/. "$1/"\n')
+        script.write_text(backup_script_text(f"/{APPDATA_DIR}"))
         script.chmod(0o755)
         for guest_path, text in (files or {}).items():
             target = root / guest_path.lstrip("/")
@@ -349,8 +366,7 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
     disk = prepare_disk(spec, bundle, workdir, network.files if network else None)
     legacy_table = check_legacy_table(spec, disk)
     # where flash-data will be: the old swap area (from the start without a swap partition)
-    swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0] \
-        if network else 0
+    swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0]
     result = boot(disk, autorun=migrate_script(plan_json=network is not None,
                                                old_tools=old_tools),
                   timeout=timeout, until="RESINOS-REPORT end", log_dir=workdir)
@@ -370,6 +386,7 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
     report = parse_report(result.serial0_text)
     check_report(report, result, release)
     final_table = check_tables(disk, release, result)
+    check_secrets_wiped(disk, legacy_table[spec.swap_number or 0], release, network, result)
     keyfiles = check_network(network, disk, swap_start, result) if network else {}
     return E2EResult(boot=result, report=report, times=times, keyfiles=keyfiles,
                      tables={"legacy": legacy_table, "final": final_table})
@@ -399,6 +416,36 @@ def check_legacy_table(spec: LegacySpec, disk: Path) -> Table:
         raise E2EError("legacy disk", f"sfdisk reads {table_text(found)}; the spec is "
                        f"{table_text(wanted)}", None)
     return found
+
+
+def check_secrets_wiped(disk: Path, swap: tuple[int, int, str, bool], release: Release,
+                        network: StaticNetwork | None, result: BootResult) -> None:
+    """No secret left in the former swap area, where flash-boot and flash-data were and
+    resin-data grows over: not the fleet's API key, not the WiFi key, not a piece of the
+    backup (4 KiB from the middle of backup.tgz, as resinOS's resin-data holds it)."""
+    secrets = {"the fleet's API key": fleet_config(release)["apiKey"].encode()}
+    if network is not None:
+        secrets["the WiFi key"] = network.psk.encode()
+    data_at, _ = max(_partition_extents(disk).values())     # resin-data: the last one
+    archive = sh("debugfs", "-R", "cat /backup.tgz", f"{disk}?offset={data_at}",
+                 check=False).stdout
+    if len(archive) < 16384:
+        raise E2EError("secrets", f"resin-data holds no backup.tgz ({len(archive)} bytes)",
+                       result)
+    secrets["a piece of backup.tgz"] = archive[len(archive) // 2:len(archive) // 2 + 4096]
+    start, size = swap[0] * SECTOR, swap[1] * SECTOR
+    longest = max(len(value) for value in secrets.values())
+    found: set[str] = set()
+    with disk.open("rb") as handle:
+        offset = start
+        while offset < start + size:
+            handle.seek(offset)
+            data = handle.read(min(8 << 20, start + size - offset) + longest)
+            found.update(name for name, value in secrets.items() if value in data)
+            offset += 8 << 20
+    if found:
+        raise E2EError("secrets", f"the former swap area still holds {', '.join(sorted(found))}",
+                       result)
 
 
 def check_tables(disk: Path, release: Release, result: BootResult) -> Table:
@@ -452,10 +499,16 @@ def check_report(report: ResinosReport, result: BootResult, release: Release) ->
                         f"(found {sorted(boot_files)})")
     if not any(name.startswith("splash/") for name in boot_files):
         problems.append("no splash/ from flash-boot on resin-boot")
-    files = report.files("backup_file_sha256")
-    expected = {name: hashlib.sha256(data).hexdigest() for name, data in appdata_files().items()}
+    files = report.files("volume_file_sha256")
+    expected = restored_files()
+    # migrate_script's writer: a file the backup taken last must hold
+    expected[f"{BACKUP_VOLUME}/{LATE_FILE}"] = hashlib.sha256(LATE_TEXT).hexdigest()
+    if not any(line == LATE_SAID for _, line in result.serial1):
+        problems.append("the guest never wrote the late file into the app's data")
     if files != expected:
-        problems.append(f"backup.tgz holds {files}, expected /srv/appdata: {expected}")
+        problems.append(f"the volumes restored from backup.tgz hold {files}, expected "
+                        f"/srv/appdata in {BACKUP_VOLUME}/: {expected}")
+    problems += [f"backup.tgz: {line}" for line in report.all("restore_error")]
     if report.first("migrate_log") != "yes":
         problems.append("no /resin-migrate.log on resin-boot")
     console = result.serial0_text
@@ -601,27 +654,10 @@ def check_network(net: StaticNetwork, disk: Path, swap_start: int,
     logs = {"serial0 (console, stage 2)": result.serial0_text,
             "serial1 (check, plan --json, stage1)": result.serial1_text,
             "/resin-migrate.log on resin-boot": boot_log}
-    data_at = _find_flash_data(disk, swap_start)
-    if data_at is None:
-        problems.append("no ext4 filesystem labelled flash-data in the former swap area")
-    else:
-        image = f"{disk}?offset={data_at}"
-        for name in ("resin-migrate-stage1.log", "resin-migrate-stage2.log"):
-            text = sh("debugfs", "-R", f"cat /{name}", image,
-                      check=False).stdout.decode(errors="replace")
-            if not text.strip():
-                problems.append(f"flash-data has no {name}")
-            logs[f"{name} on flash-data"] = text
-        for name in ("system-connections", *(f"system-connections/{n}"
-                                             for n in net.keyfile_names)):
-            stat = sh("debugfs", "-R", f"stat /{name}", image,
-                      check=False).stdout.decode(errors="replace")
-            mode = next((word for line in stat.splitlines() if "Mode:" in line
-                         for word in line.split("Mode:", 1)[1].split()[:1]), "")
-            wanted = "0700" if name == "system-connections" else "0600"
-            if mode != wanted:
-                problems.append(f"{name} on flash-data has mode {mode or '(none)'}, "
-                                f"expected {wanted}")
+    # flash-data's keyfiles (mode 0600 there: tests/test_network.py) are zeroed with it at
+    # the end of stage 2 (check_secrets_wiped)
+    if _find_flash_data(disk, swap_start) is not None:
+        problems.append("flash-data is still readable in the former swap area")
     for where, text in logs.items():
         if net.psk in text:
             problems.append(f"the WiFi key appears in {where}")

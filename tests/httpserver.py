@@ -2,7 +2,8 @@
 
 It serves the files of one directory under /<prefix>/ with what the runtime relies on
 (Content-Length, a strong ETag, Range and If-Range, HEAD), records every request, acts
-as a plain HTTP forward proxy when asked for an absolute URL, and injects faults: a
+as a plain HTTP forward proxy when asked for an absolute URL, answers 401 without the
+Authorization it is given (auth), and injects faults: a
 connection cut after a byte offset, 503 answers, a flipped byte, a stall until
 released. The certificates for HTTPS come from `make_ca`/`make_server_cert` (openssl).
 """
@@ -55,14 +56,16 @@ class Request:
     absolute: bool             # the request line carried a full URL: sent to a proxy
     range: str | None
     if_range: str | None
+    authorization: str | None = None
 
 
 class BundleServer:
     """`with BundleServer(directory) as server:` serves it at server.url."""
 
     def __init__(self, root: Path, prefix: str = "nuc", tls: tuple[Path, Path] | None = None,
-                 faults: Faults | None = None, port: int = 0) -> None:
+                 faults: Faults | None = None, port: int = 0, auth: str | None = None) -> None:
         self.root = root
+        self.auth = auth            # the Authorization header every request must carry
         self.wanted_port = port
         self.prefix = prefix
         self.tls = tls
@@ -134,7 +137,14 @@ class _Handler(BaseHTTPRequestHandler):
         owner, faults = self.owner, self.owner.faults
         path = urlsplit(self.path).path
         owner.requests.append(Request(self.command, path, self.path.startswith("http"),
-                                      self.headers.get("Range"), self.headers.get("If-Range")))
+                                      self.headers.get("Range"), self.headers.get("If-Range"),
+                                      self.headers.get("Authorization")))
+        if owner.auth is not None and self.headers.get("Authorization") != owner.auth:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="bundles"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         prefix = f"/{owner.prefix}/"
         name = path[len(prefix):] if path.startswith(prefix) else ""
         target = owner.root / name

@@ -28,7 +28,6 @@ resinOS), the outcome, and the seconds from the cut (or the hang's start) to the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from tests.imaging import BootResult, Cut
 from tests.releases import Release
 from tests.rig.bootable import START_MARKER, boot
 from tests.rig.bootimages import FLASHER_RELEASE, parse_report
-from tests.rig.legacy import APPDATA_DIR, LegacySpec, appdata_files
+from tests.rig.legacy import APPDATA_DIR, LegacySpec, restored_files
 
 # Markers: the autorun script's own lines (ttyS1), the runtime's log (ttyS1), stage 2's log
 # (the console, ttyS0, through /dev/kmsg), the stand-in's report.
@@ -87,7 +86,7 @@ def instants(inner: InnerImage | None) -> dict[str, Instant]:
     # up and reboots, the next one finds the extents wrong and writes them again
     persisting = (len(inner.extents) - 1) * (1 + WRITE_TRIES) if inner else 0
     cuts = [
-        Instant("stage 1: backup done", Cut("step swapoff")),
+        Instant("stage 1: backup tried", Cut("step swapoff")),
         Instant("stage 1: table written", Cut("step write:flash-boot")),
         Instant("stage 1: writing flash-rootA", Cut("step write:flash-rootA", written=48 * MiB)),
         Instant("stage 1: core.img written", Cut("step flash-data")),
@@ -253,10 +252,10 @@ def _check_resinos(instant: Instant, result: BootResult, release: Release) -> No
     problems = []
     if config != {key: value for key, value in fleet.items() if key != "installer"}:
         problems.append(f"resin-boot's config.json is {config}")
-    expected = {name: hashlib.sha256(data).hexdigest() for name, data in appdata_files().items()}
-    if report.files("backup_file_sha256") != expected:
-        problems.append(f"the backup holds {report.files('backup_file_sha256')}, expected "
-                        f"/{APPDATA_DIR}")
+    if report.files("volume_file_sha256") != restored_files():
+        problems.append(f"the volumes restored from the backup hold "
+                        f"{report.files('volume_file_sha256')}, expected /{APPDATA_DIR}")
+    problems += [f"backup.tgz: {line}" for line in report.all("restore_error")]
     if problems:
         raise E2EError(instant.name, "; ".join(problems), result)
 

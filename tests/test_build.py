@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,11 @@ def test_bundle_holds_the_files_and_sha256sum_accepts_them(built: BuildResult) -
     names = sorted(path.name for path in built.out.iterdir())
     assert names == ["SHA256SUMS", "flash-boot.gz", "flash-rootA.gz", "kernel-fs-probe.gz",
                      "manifest.json", "resin-migrate.pyz"]
+    # flash-boot.gz carries the fleet's API key (config.json) and any WiFi keys
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in built.out.iterdir()}
+    assert modes == {"SHA256SUMS": 0o644, "flash-boot.gz": 0o600, "flash-rootA.gz": 0o644,
+                     "kernel-fs-probe.gz": 0o644, "manifest.json": 0o644,
+                     "resin-migrate.pyz": 0o755}
     check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=built.out,
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr

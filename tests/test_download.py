@@ -121,6 +121,61 @@ def test_a_redirect_to_plain_http_is_refused(pki: Pki, pyz: Path,
     assert f"{plain.url}manifest.json is plain HTTP" in result.stderr
 
 
+TOKEN = "rmtest-bundle-token-0b7e4f19c2"
+
+
+def _auth_file(tmp_path: Path, value: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "bundle.auth"
+    path.write_text(value + "\n")
+    path.chmod(mode)
+    return path
+
+
+def test_credentials_from_a_private_file_reach_the_server_only(pki: Pki, pyz: Path,
+                                                               synthetic_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """--auth-file's header on every request to the bundle's server; none on a redirect to
+    another server; the token in no output; without it the 401 is named."""
+    auth = _auth_file(tmp_path, f"Bearer {TOKEN}")
+    with BundleServer(synthetic_bundle, tls=pki.server) as other:
+        faults = Faults(redirect={"SHA256SUMS": other.url + "SHA256SUMS"})
+        with BundleServer(synthetic_bundle, tls=pki.server, faults=faults,
+                          auth=f"Bearer {TOKEN}") as server:
+            refused = runtime(pyz, server.url, "verify", ca=pki.ca)
+            verified = runtime(pyz, server.url, "--auth-file", str(auth), "verify", ca=pki.ca)
+            sent = [r.authorization for r in server.requests]
+        received = [r.authorization for r in other.requests]
+    assert refused.returncode == 7 and "401" in refused.stderr, refused.stderr
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"Bearer {TOKEN}" in sent and received and set(received) == {None}
+    for result in (refused, verified):
+        assert TOKEN not in result.stdout + result.stderr
+
+
+def test_an_auth_file_others_can_read_is_refused(pki: Pki, pyz: Path, synthetic_bundle: Path,
+                                                 tmp_path: Path) -> None:
+    auth = _auth_file(tmp_path, f"Bearer {TOKEN}", mode=0o644)
+    with BundleServer(synthetic_bundle, tls=pki.server) as server:
+        result = runtime(pyz, server.url, "--auth-file", str(auth), "verify", ca=pki.ca)
+        assert not server.requests
+    assert result.returncode == 7, result.stdout + result.stderr
+    assert "is readable by others (mode 644)" in result.stderr and "chmod 600" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_credentials_from_netrc(pki: Pki, pyz: Path, synthetic_bundle: Path,
+                                tmp_path: Path) -> None:
+    import base64
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login fleet password s3cret-pass\n")
+    netrc.chmod(0o600)
+    basic = "Basic " + base64.b64encode(b"fleet:s3cret-pass").decode()
+    with BundleServer(synthetic_bundle, tls=pki.server, auth=basic) as server:
+        result = runtime(pyz, server.url, "verify", ca=pki.ca, env={"NETRC": str(netrc)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "s3cret-pass" not in result.stdout + result.stderr
+
+
 def test_sizes_without_head(pki: Pki, pyz: Path, synthetic_bundle: Path) -> None:
     """A server refusing HEAD: the streams' sizes come from a GET of their first byte."""
     from runtime.source import RemoteBundle
@@ -383,16 +438,21 @@ def test_stage1_from_https(device: Device, pki: Pki, synthetic_bundle: Path) -> 
 
 @pytest.mark.loop
 def test_cut_connection_resumes_and_a_resumed_stage1_uses_the_recorded_url(
-        device: Device, pki: Pki, synthetic_bundle: Path) -> None:
+        device: Device, pki: Pki, synthetic_bundle: Path, tmp_path: Path) -> None:
+    """Also behind credentials (--auth-file): the resumed stage1 reads the file it recorded;
+    the token is in no output, log or state file."""
     boot = (synthetic_bundle / "flash-boot.gz").stat().st_size
     root = (synthetic_bundle / "flash-rootA.gz").stat().st_size
     faults = Faults(cut={"flash-boot.gz": boot // 2, "flash-rootA.gz": root // 3}, cuts=2,
                     unavailable=1)
-    with BundleServer(synthetic_bundle, tls=pki.server, faults=faults) as server:
-        killed = device.run(server.url, "stage1", "--yes", ca=pki.ca,
+    auth = _auth_file(tmp_path, f"Bearer {TOKEN}")
+    with BundleServer(synthetic_bundle, tls=pki.server, faults=faults,
+                      auth=f"Bearer {TOKEN}") as server:
+        killed = device.run(server.url, "--auth-file", str(auth), "stage1", "--yes", ca=pki.ca,
                             env={"RESIN_MIGRATE_KILL_AFTER": "write:flash-boot"})
         assert killed.returncode == -9, killed.stdout + killed.stderr
-        # no --bundle-url: stage 1 resumes from the URL (and CA) it recorded
+        assert device.state["auth_file"] == str(auth)
+        # no --bundle-url: stage 1 resumes from the URL (and CA, credentials) it recorded
         resumed = device.local("stage1", "--yes")
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert f"bundle: {server.url}, the URL stage 1 started with" in resumed.stderr
@@ -402,6 +462,9 @@ def test_cut_connection_resumes_and_a_resumed_stage1_uses_the_recorded_url(
     assert ranges == [None] + [f"bytes={root // 3}-"] * 3, ranges
     _assert_streams_written(device, synthetic_bundle)
     assert next_entry(device.sysroot) == "resin-migrate-flasher"
+    for where in (killed.stdout + killed.stderr, resumed.stdout + resumed.stderr, device.log,
+                  json.dumps(device.state)):
+        assert TOKEN not in where
 
 
 def _refused_and_rolled_back(device: Device, result: subprocess.CompletedProcess,

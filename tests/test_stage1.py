@@ -26,10 +26,12 @@ from runtime.plan import CORE_SECTORS
 from runtime.stage2names import ARMED_MBR_NAME
 from tests.rig.legacy import (
     APPDATA_DIR,
+    BACKUP_VOLUME,
     LegacySpec,
     SwapPlacement,
     appdata_files,
     attached,
+    backup_script_text,
     copy_legacy_image,
     mounted_root,
 )
@@ -80,7 +82,7 @@ def device(request: pytest.FixtureRequest, tmp_path: Path,
 def backup_script_for(sysroot: Path, directory: Path) -> Path:
     """A customer backup script: copies the device's /srv/appdata into the directory given."""
     script = directory / "backup.sh"
-    script.write_text(f'#!/bin/sh\nset -e\ncp -a "{sysroot / APPDATA_DIR}/." "$1/"\n')
+    script.write_text(backup_script_text(str(sysroot / APPDATA_DIR)))
     script.chmod(0o755)
     return script
 
@@ -223,7 +225,7 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
         with tarfile.open(mount / "backup.tgz") as tar:
             names = {member.name: member for member in tar.getmembers()}
             for rel, data in appdata_files().items():
-                extracted = tar.extractfile(names[rel])
+                extracted = tar.extractfile(names[f"./{BACKUP_VOLUME}/{rel}"])
                 assert extracted is not None and extracted.read() == data
         assert "stage 1 finished" in (mount / "resin-migrate-stage1.log").read_text()
         # the sector 0 stage 2 writes first: GRUB's boot.img pointing at the core.img,
@@ -295,6 +297,31 @@ def test_interrupted_stage1_rolls_back(device: Device, killed_after: str) -> Non
                 and blkid(Path(device.partition(n))).get("TYPE") == "swap")
     assert swap["UUID"] == swap_probe["UUID"]
     assert next_entry(device.sysroot) is None
+
+
+@pytest.mark.parametrize("body,rule", [
+    ('cp -a "$SRC/." "$1/"\n', "README.txt: not a directory"),
+    ('ln -s "$SRC" "$1/resin-data"\n', "resin-data: a symlink"),
+], ids=["files-at-the-top", "symlinked-volume"])
+def test_a_backup_the_supervisor_cannot_restore_is_refused_first(device: Device, tmp_path: Path,
+                                                                 body: str, rule: str) -> None:
+    """The data copied to the top of DIR, or DIR/resin-data a link to it: refused with the
+    rule, before any other step; the disk and the root filesystem as they were."""
+    script = tmp_path / "backup.sh"
+    script.write_text(f'#!/bin/sh\nset -e\nSRC="{device.sysroot / APPDATA_DIR}"\n{body}')
+    script.chmod(0o755)
+    table = sfdisk_dump(device.disk)
+    tree = tree_digest(device.sysroot)
+    fstab = (device.sysroot / "etc/fstab").read_bytes()
+    result = device.runtime("stage1", "--yes", "--backup-script", str(script))
+    assert result.returncode == 10, result.stdout + result.stderr
+    assert "the balena Supervisor cannot restore" in result.stderr and rule in result.stderr
+    assert "Nothing was changed" in result.stderr
+    assert sfdisk_dump(device.disk) == table and tree_digest(device.sysroot) == tree
+    assert (device.sysroot / "etc/fstab").read_bytes() == fstab
+    state = device.sysroot / "var/lib/resin-migrate"
+    assert not (state / "state.json").exists() and not (state / "backup.tgz").exists()
+    assert not (state / "backup").exists()
 
 
 def test_rollback_after_a_power_cut_emptied_the_fstab_copy(device: Device) -> None:

@@ -117,12 +117,19 @@ def _overlapping_image(dev: str, numbers: dict[str, int], tmp: Path) -> None:
         (data / "stage2.env").write_text("\n".join(env) + "\n")
 
 
+def _backup_too_large(dev: str, numbers: dict[str, int], tmp: Path) -> None:
+    """A resin-data with less room than backup.tgz (the check stage 1 made, once more)."""
+    with mounted(f"{dev}p{numbers['flash-data']}", tmp / "data-rw", "rw") as data:
+        _set_env(data, RM_BACKUP_ROOM="1000")
+
+
 @pytest.mark.loop
 @pytest.mark.parametrize(("harm", "reason"), [
     (_flip_image_byte, "the image is damaged"),
     (_remove_env, "stage2.env is missing"),
     (_overlapping_image, "would overwrite the flash partitions"),
-], ids=["flipped-byte", "missing-env", "overlap"])
+    (_backup_too_large, "does not fit the room the image's resin-data has (1000 bytes)"),
+], ids=["flipped-byte", "missing-env", "overlap", "backup-too-large"])
 def test_refusal_before_the_point_of_no_return(harm, reason, tmp_path: Path,
                                                synthetic_bundle: Path) -> None:
     image = make_stage1_disk(LegacySpec(placement=SwapPlacement.LOGICAL), synthetic_bundle,
@@ -263,7 +270,7 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
     import tarfile
 
     from runtime.manifest import load
-    from tests.rig.legacy import appdata_files
+    from tests.rig.legacy import BACKUP_VOLUME, appdata_files
 
     image = make_stage1_disk(LegacySpec(placement=placement), synthetic_bundle,
                              tmp_path / "disk.img")
@@ -273,6 +280,12 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
     inner = _inner_image(synthetic_bundle, tmp_path)
     layout = manifest.inner_image.layout
 
+    # flash-boot as stage 1 left it (stage 2 zeroes it at the end)
+    flash_part = next(p for p in table_before
+                      if p["node"].endswith(str(numbers["flash-boot"])))
+    flash_boot = tmp_path / "flash-boot.img"
+    flash_boot.write_bytes(read_range(image, flash_part["start"] * 512,
+                                      flash_part["size"] * 512))
     flasher_mount = placement is SwapPlacement.PRIMARY
     result = _run_stage2_in_vm(image, numbers, flasher_mount)
     assert result.exit_code == 0, result.output[-3000:] + result.console[-2000:]
@@ -318,12 +331,7 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
     listing = sh("mdir", "-i", boot_img, "-b", "::/").stdout.decode()
     assert "::/resin-migrate.log" in listing and "::/EFI" not in listing
     # splash, proxy samples and connection samples: flash-boot's, as the real flasher
-    # copies them (flash-boot lies beyond the image: still on the disk after the write)
-    flash_part = next(p for p in table_before
-                      if p["node"].endswith(str(numbers["flash-boot"])))
-    flash_boot = tmp_path / "flash-boot.img"
-    flash_boot.write_bytes(read_range(image, flash_part["start"] * 512,
-                                      flash_part["size"] * 512))
+    # copies them
     for directory in ("splash", "system-proxy", "system-connections"):
         wanted = _fat_names(flash_boot, directory)
         assert wanted and _fat_names(boot_img, directory) == wanted, directory
@@ -333,11 +341,25 @@ def test_stage2_writes_resinos_with_config_and_backup(placement, tmp_path: Path,
                 sh("mcopy", "-n", "-i", flash_boot, path, "-").stdout
     log = sh("mcopy", "-n", "-i", boot_img, "::/resin-migrate.log", "-").stdout.decode()
     assert "first 4 MiB written and read back" in log
+    # no secret left where resin-data grows: flash-boot (the API key, the keyfiles) and
+    # flash-data (keyfiles, backup.tgz) zeroed, the API key nowhere in the former swap area
+    for label in ("flash-boot", "flash-data"):
+        part = next(p for p in table_before if p["node"].endswith(str(numbers[label])))
+        assert read_range(image, part["start"] * 512, part["size"] * 512).count(0) == \
+            part["size"] * 512, f"{label} is not zeroed"
+        assert f"{label}" in log and "zeroed" in log
+    flash = [p for p in table_before
+             if int(p["node"][len(str(image)):].lstrip("p")) in
+             (numbers["flash-boot"], numbers["flash-rootA"], numbers["flash-data"])]
+    area_start = min(p["start"] for p in flash)
+    area_end = max(p["start"] + p["size"] for p in flash)
+    assert fleet["apiKey"].encode() not in read_range(
+        image, area_start * 512, (area_end - area_start) * 512)
 
     backup = tmp_path / "backup.tgz"
     backup.write_bytes(sh("debugfs", "-R", "cat /backup.tgz", data_img).stdout)
     with tarfile.open(backup) as tar:
         for rel, content in appdata_files().items():
-            member = tar.extractfile(rel)
+            member = tar.extractfile(f"./{BACKUP_VOLUME}/{rel}")
             assert member is not None and member.read() == content
     print(f"\nstage 2 in the VM: {result.seconds:.1f} s (boot, write, verify, power-off)")

@@ -31,7 +31,7 @@ FORBIDDEN = {"system", "popen", "execv", "execve", "execvp", "execvpe", "execl",
              "spawnv", "spawnve", "spawnvp", "spawnl", "spawnlp", "getoutput",
              "getstatusoutput"}
 # commands whose program is not a tool of a package: (file, function) -> why
-NOT_A_TOOL = {("runtime/backup.py", "capture"): "the user's --backup-script"}
+NOT_A_TOOL = {("runtime/backup.py", "_run_script"): "the user's --backup-script"}
 # the oldest versions the runtime supports (REFERENCE.md section 5), by package as the
 # table's `oldest` column names it
 TARGETS = {"util-linux": "2.20.1", "e2fsprogs": "1.42.9", "GRUB": "2.02~beta2",

@@ -55,6 +55,7 @@ from tests import imaging, synthetic
 from tests.imaging import ALIGN, EPOCH, SECTOR, Tree, cache_dir
 from tests.releases import RELEASES, Release
 from tests.rig import RigError, run
+from tests.rig.legacy import BACKUP_VOLUME
 from tests.rig.rootfs import debian_rootfs, rootfs_key, unpack
 
 __all__ = [
@@ -129,7 +130,9 @@ SYSTEMD_UNITS = (
     "systemd-udev-trigger.service", "systemd-reboot.service", "systemd-poweroff.service",
     "systemd-halt.service",
 )
-RESINOS_TOOLS = ("blkid",)
+#: GNU tar (and the gzip it runs) as the Supervisor's restore would use them; busybox's tar
+#: matches member names differently
+RESINOS_TOOLS = ("blkid", "tar", "gzip")
 
 _KIT_VERSION = 2
 _CHROOT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -644,15 +647,41 @@ if [ -n "$data" ] && mount -t ext4 -o ro "$data" /mnt/data; then
         r "backup_sha256=$(sha256sum < "$backup" | cut -d' ' -f1)"
         tar tzvf "$backup" > /tmp/backup.list 2>&1 || r "error=tar tzvf backup.tgz failed"
         while IFS= read -r line; do r "backup_entry=$line"; done < /tmp/backup.list
-        mkdir -p /tmp/backup
-        if tar xzf "$backup" -C /tmp/backup; then
-            (cd /tmp/backup && find . -type f | sort) > /tmp/backup.files
-            while IFS= read -r f; do
-                r "backup_file_sha256=$(sha256sum < "/tmp/backup/$f" | cut -d' ' -f1) ${f#./}"
-            done < /tmp/backup.files
+        # restored as the balena Supervisor restores it (src/lib/migration.ts): with both
+        # of its commands (8.7.0-10.3.1 name the member ".", later ones none), into the
+        # directory of the app's volumes, whose every top-level entry must be a directory
+        # named after a volume; then each volume's files
+        for form in old new; do
+            dir=/tmp/volumes-$form
+            mkdir -p "$dir"
+            if [ "$form" = old ]; then set -- .; else set --; fi
+            if ! tar -xzf "$backup" -C "$dir" "$@" 2> /tmp/tar.err; then
+                why=$(tr '\n' ' ' < /tmp/tar.err)
+                r "restore_error=the $form form (tar -xzf backup.tgz -C DIR $*) failed: $why"
+                continue
+            fi
+            for entry in "$dir"/* "$dir"/.[!.]*; do
+                [ -e "$entry" ] || [ -L "$entry" ] || continue
+                name=${entry##*/}
+                if [ -L "$entry" ] || [ ! -d "$entry" ]; then
+                    r "restore_error=top-level $name is not a directory ($form form)"
+                fi
+                case " @VOLUMES@ " in
+                    *" $name "*) ;;
+                    *) r "restore_error=top-level $name is not a volume of the app ($form form)" ;;
+                esac
+            done
+            (cd "$dir" && find . | sort) > "/tmp/volumes-$form.tree"
+        done
+        if [ -s /tmp/volumes-old.tree ] && cmp -s /tmp/volumes-old.tree /tmp/volumes-new.tree; then
+            r "restore=both forms"
         else
-            r "error=cannot extract backup.tgz"
+            r "restore_error=the two forms restore different trees (or nothing)"
         fi
+        (cd /tmp/volumes-old && find . -type f | sort) > /tmp/volume.files
+        while IFS= read -r f; do
+            r "volume_file_sha256=$(sha256sum < "/tmp/volumes-old/$f" | cut -d' ' -f1) ${f#./}"
+        done < /tmp/volume.files
     else
         r "backup=no"
     fi
@@ -672,7 +701,8 @@ echo o > /proc/sysrq-trigger
 def _resinos_extras(kit: BootKit, release: Release) -> synthetic.Extras:
     def rootfs(tree: Tree) -> None:
         _userland(tree, kit, kit.resinos_files)
-        init = _RESINOS_INIT.replace("@MARKER@", REPORT_MARKER)
+        init = _RESINOS_INIT.replace("@MARKER@", REPORT_MARKER).replace(
+            "@VOLUMES@", BACKUP_VOLUME)
         tree.file("usr/sbin/init", init.replace("@MODULES@", _modules_words(kit)).encode(),
                   0o755)
         tree.dir("mnt/boot")

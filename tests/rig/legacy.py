@@ -298,6 +298,23 @@ def appdata_files() -> dict[str, bytes]:
     }
 
 
+#: The volume the backup of /srv/appdata fills: a single-container app's, the runtime's
+#: default --backup-volumes.
+BACKUP_VOLUME = "resin-data"
+
+
+def backup_script_text(source: str) -> str:
+    """The customer's backup script, as the README shows it: the data into DIR/VOLUME/."""
+    return (f'#!/bin/sh\nset -e\nmkdir "$1/{BACKUP_VOLUME}"\n'
+            f'cp -a "{source}/." "$1/{BACKUP_VOLUME}/"\n')
+
+
+def restored_files() -> dict[str, str]:
+    """{VOLUME/path: sha256} of the files the Supervisor restores from that backup."""
+    return {f"{BACKUP_VOLUME}/{name}": hashlib.sha256(data).hexdigest()
+            for name, data in appdata_files().items()}
+
+
 def _write_appdata(root: Path) -> None:
     base = root / APPDATA_DIR
     for rel, data in appdata_files().items():
