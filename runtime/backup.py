@@ -6,7 +6,8 @@ backup.tgz from the root of resin-data into the volumes of the first app: every 
 entry must be a directory named after one of that release's volumes, and anything else (a
 file, a symlink, another name) makes the restore fail, after which it retries forever and
 logs only to its journal. Supervisors 8.7.0 to 10.3.1 run `tar -xzf backup.tgz -C DIR .`,
-which extracts only members named `./...`. So the archive holds `./VOLUME/...` members, and
+which extracts only members named `./...` (and, with busybox's tar, only when the archive
+has the member `./` itself). So the archive holds `./` and `./VOLUME/...` members, and
 everything the script left that the Supervisor would not restore is refused here, with the
 name and the rule, before anything on the disk changes.
 """
@@ -168,6 +169,10 @@ def _pack(staging, workdir):
             # (files.py); ./VOLUME/... for both of the Supervisor's extraction commands
             with tarfile.open(fileobj=handle, mode="w:gz", encoding=ENCODING,
                               errors=ERRORS) as tar:
+                # "./" first, as `tar -czf backup.tgz -C DIR .` writes it: busybox's tar
+                # finds the member "." the old Supervisors name only when it is there (GNU
+                # tar matches ./VOLUME/... by prefix either way)
+                tar.add(staging, arcname=".", recursive=False, filter=_as_plain_directory)
                 for name in sorted(os.listdir(staging)):
                     tar.add(os.path.join(staging, name), arcname="./" + name)
             handle.flush()
@@ -180,6 +185,14 @@ def _pack(staging, workdir):
                               "up less".format(workdir)) from exc
         raise
     return archive
+
+
+def _as_plain_directory(member):
+    # type: (tarfile.TarInfo) -> tarfile.TarInfo
+    """The "./" member with a directory's usual mode, not the staging directory's 0700:
+    tar gives it to the directory it extracts into."""
+    member.mode = 0o755
+    return member
 
 
 def _remove_tree(path):

@@ -57,7 +57,10 @@ def test_the_archive_restores_with_both_supervisor_commands(tmp_path: Path) -> N
     archive = Path(backup.capture(_script(tmp_path, GOOD), str(_workdir(tmp_path)), VOLUMES))
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    assert names and all(name.startswith("./resin-data") for name in names), names
+        top_mode = tar.getmember(".").mode
+    # "./" first, then ./VOLUME/...: what `tar -czf backup.tgz -C DIR .` writes
+    assert names[0] == "." and all(name.startswith("./resin-data") for name in names[1:]), names
+    assert top_mode == 0o755     # tar gives it to the directory it extracts into
     old = _supervisor_restore(archive, tmp_path / "old", old_form=True)
     new = _supervisor_restore(archive, tmp_path / "new", old_form=False)
     assert old == new == sorted([

@@ -18,7 +18,7 @@ import pytest
 from runtime import blockdev, disk, mbr
 from runtime.layout import Partition
 from runtime.manifest import dumps, loads
-from runtime.plan import place
+from runtime.plan import Placement, place
 from tests.test_manifest import _manifest
 
 GIB = 1 << 30
@@ -147,12 +147,17 @@ def _manifest_small():
     return loads(dumps(_manifest()))
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_tables_the_model_writes_read_alike_in_every_tool(tmp_path: Path, shape: str) -> None:
+def _placed(tmp_path: Path, shape: str) -> tuple[Path, mbr.Table, Placement]:
+    """A disk of that shape, its table, and the flash partitions placed in its swap."""
     image = SHAPES[shape](_image(tmp_path))
     table = disk.read_table(str(image))
     swap = next(part for part in table.partitions if part.type_id == 0x82)
-    placement = place(str(image), table, swap, _manifest_small())
+    return image, table, place(str(image), table, swap, _manifest_small())
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_tables_the_model_writes_read_alike_in_every_tool(tmp_path: Path, shape: str) -> None:
+    image, table, placement = _placed(tmp_path, shape)
     before = sectors(image, [0])[0]
     disk.write_table(str(image), placement.new)
     assert model_entries(placement.new) == sfdisk_entries(image)
@@ -172,10 +177,7 @@ def test_tables_the_model_writes_read_alike_in_every_tool(tmp_path: Path, shape:
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_saved_records_restore_the_table_byte_for_byte(tmp_path: Path, shape: str) -> None:
-    image = SHAPES[shape](_image(tmp_path))
-    original = disk.read_table(str(image))
-    swap = next(part for part in original.partitions if part.type_id == 0x82)
-    placement = place(str(image), original, swap, _manifest_small())
+    image, original, placement = _placed(tmp_path, shape)
     saved = disk.records(str(image), placement.original, placement.new)
     disk.save_records(str(tmp_path / "saved.json"), saved)
     before = sectors(image, sorted(saved))

@@ -239,11 +239,26 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     finally:
         sh("umount", mount)
 
+    # taken last, without --reboot: stage 1 says so, status shows its age, and stage1 run
+    # again takes it again (the late file below is in it then) and arms the entry again
+    assert "does not reach resinOS. Run stage1 again right before rebooting" in result.stderr
     status = device.runtime("status")
-    assert "stage 1 complete" in status.stdout
+    assert "stage 1 complete" in status.stdout and "the backup is 0 min old" in status.stdout
+    (device.sysroot / APPDATA_DIR / "late.txt").write_text("after stage 1\n")
     again = device.runtime("stage1", "--yes")
-    assert again.returncode == 0 and "already complete and the flasher boots next" in \
-        again.stderr, again.stderr
+    assert again.returncode == 0 and "already complete and the flasher boots next; taking " \
+        "the backup again" in again.stderr, again.stderr
+    assert next_entry(device.sysroot) == "resin-migrate-flasher"
+    sh("mount", "-o", "ro", device.partition(numbers[2]), mount)
+    try:
+        with tarfile.open(mount / "backup.tgz") as tar:
+            late = tar.extractfile(f"./{BACKUP_VOLUME}/late.txt")
+            assert late is not None and late.read() == b"after stage 1\n"
+        assert f"RM_BACKUP_SIZE='{(mount / 'backup.tgz').stat().st_size}'" in \
+            (mount / "stage2.env").read_text()
+    finally:
+        sh("umount", mount)
+    (device.sysroot / APPDATA_DIR / "late.txt").unlink()
 
     rolled = device.runtime("rollback")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr

@@ -130,8 +130,8 @@ SYSTEMD_UNITS = (
     "systemd-udev-trigger.service", "systemd-reboot.service", "systemd-poweroff.service",
     "systemd-halt.service",
 )
-#: GNU tar (and the gzip it runs) as the Supervisor's restore would use them; busybox's tar
-#: matches member names differently
+#: GNU tar (and the gzip it runs) where the kit finds them, beside busybox's tar: the restore
+#: is tried with both
 RESINOS_TOOLS = ("blkid", "tar", "gzip")
 
 _KIT_VERSION = 2
@@ -648,14 +648,21 @@ if [ -n "$data" ] && mount -t ext4 -o ro "$data" /mnt/data; then
         tar tzvf "$backup" > /tmp/backup.list 2>&1 || r "error=tar tzvf backup.tgz failed"
         while IFS= read -r line; do r "backup_entry=$line"; done < /tmp/backup.list
         # restored as the balena Supervisor restores it (src/lib/migration.ts): with both
-        # of its commands (8.7.0-10.3.1 name the member ".", later ones none), into the
-        # directory of the app's volumes, whose every top-level entry must be a directory
-        # named after a volume; then each volume's files
-        for form in old new; do
+        # of its commands (8.7.0-10.3.1 name the member ".", later ones none), with busybox's
+        # tar and GNU tar where present (busybox finds "." only if the archive has "./"),
+        # into the directory of the app's volumes, whose every top-level entry must be a
+        # directory named after a volume; then each volume's files
+        tars="busybox"
+        if tar --version 2>/dev/null | grep -q GNU; then tars="$tars gnu"; fi
+        for form in $(for t in $tars; do printf '%s-old %s-new ' "$t" "$t"; done); do
             dir=/tmp/volumes-$form
             mkdir -p "$dir"
-            if [ "$form" = old ]; then set -- .; else set --; fi
-            if ! tar -xzf "$backup" -C "$dir" "$@" 2> /tmp/tar.err; then
+            case $form in *-old) set -- . ;; *) set -- ;; esac
+            case $form in
+                busybox-*) tar_of() { busybox tar "$@"; } ;;
+                *) tar_of() { tar "$@"; } ;;
+            esac
+            if ! tar_of -xzf "$backup" -C "$dir" "$@" 2> /tmp/tar.err; then
                 why=$(tr '\n' ' ' < /tmp/tar.err)
                 r "restore_error=the $form form (tar -xzf backup.tgz -C DIR $*) failed: $why"
                 continue
@@ -672,15 +679,16 @@ if [ -n "$data" ] && mount -t ext4 -o ro "$data" /mnt/data; then
                 esac
             done
             (cd "$dir" && find . | sort) > "/tmp/volumes-$form.tree"
+            if [ ! -s /tmp/volumes-busybox-old.tree ] ||
+                ! cmp -s /tmp/volumes-busybox-old.tree "/tmp/volumes-$form.tree"; then
+                r "restore_error=the $form form restores another tree than busybox-old"
+            fi
         done
-        if [ -s /tmp/volumes-old.tree ] && cmp -s /tmp/volumes-old.tree /tmp/volumes-new.tree; then
-            r "restore=both forms"
-        else
-            r "restore_error=the two forms restore different trees (or nothing)"
-        fi
-        (cd /tmp/volumes-old && find . -type f | sort) > /tmp/volume.files
+        r "restore=$tars"
+        (cd /tmp/volumes-busybox-old && find . -type f | sort) > /tmp/volume.files
         while IFS= read -r f; do
-            r "volume_file_sha256=$(sha256sum < "/tmp/volumes-old/$f" | cut -d' ' -f1) ${f#./}"
+            sum=$(sha256sum < "/tmp/volumes-busybox-old/$f" | cut -d' ' -f1)
+            r "volume_file_sha256=$sum ${f#./}"
         done < /tmp/volume.files
     else
         r "backup=no"
