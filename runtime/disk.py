@@ -20,8 +20,6 @@ MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Dict, List, Optional  # noqa: F401  # novermin
 
-SECTOR = mbr.SECTOR
-Table = mbr.Table
 
 
 class DiskError(MigrateError):
@@ -150,7 +148,7 @@ def _sysfs_int(path):
 
 
 def tell_kernel(disk, table):
-    # type: (str, Table) -> None
+    # type: (str, mbr.Table) -> None
     """Make the kernel's partitions of disk match table: delete what differs, add what is
     new, one partition at a time (BLKPG), which works on a disk whose root partition is
     mounted as long as the partitions changed are not in use."""
@@ -247,7 +245,7 @@ def _users(node):
 
 
 def _wait_for_nodes(disk, table, timeout=10.0):
-    # type: (str, Table, float) -> None
+    # type: (str, mbr.Table, float) -> None
     """Wait for udev to create the /dev nodes of the table's partitions; make them if it won't."""
     deadline = time.time() + timeout
     missing = []
