@@ -21,7 +21,6 @@ if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Dict, List, Optional  # noqa: F401  # novermin
 
 
-
 class DiskError(MigrateError):
     exit_code = 11
 
