@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -158,7 +159,9 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
 
 @task(help={"scenario": "primary, logical, fallback, static, older (the 2.51 flasher), "
                         "oldtools (p1 at sector 63, logical swap, no sfdisk or lsblk in the "
-                        "guest, stage 1 under LANG=C), all (default: those six), matrix "
+                        "guest, stage 1 under LANG=C), fleet (deploy/ansible's playbook on "
+                        "three VMs in two waves, one refused: tests/fleet.py), all "
+                        "(default: those seven), matrix "
                         "(every release row of tests/releases.py, one migration each) or "
                         "powercut (power cuts and hangs at every instant of a migration, "
                         "tests/powercut.py)",
@@ -187,7 +190,7 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
     from tests.rig.bootimages import OLDER_RELEASE
     from tests.rig.legacy import LegacySpec, SwapPlacement
 
-    scenarios = ["primary", "logical", "fallback", "static", "older", "oldtools"]
+    scenarios = ["primary", "logical", "fallback", "static", "older", "oldtools", "fleet"]
     if scenario not in (*scenarios, "all", "matrix", "powercut"):
         raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)}, "
                    "all, matrix or powercut", code=2)
@@ -203,7 +206,13 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
         work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
         started = time.monotonic()
         try:
-            if name == "fallback":
+            if name == "fleet":
+                from tests.fleet import run_fleet
+                fleet = run_fleet(work)
+                print(f"{name}: the playbook ran in {time.monotonic() - started:.0f} s "
+                      f"(including the bundle build):\n{fleet.summary()}\n  report: "
+                      f"{json.dumps(fleet.report['summary'], sort_keys=True)}")
+            elif name == "fallback":
                 result = fallback(LegacySpec(), work)
                 print(f"{name}: stage 2 refused, the legacy system came back, rollback "
                       f"restored the swap ({result.swaps_after}) in "
@@ -393,8 +402,9 @@ def _counts(output: str) -> str:
     return "no pytest summary"
 
 
-def _runtime_runs(c) -> tuple[list[str], list[str]]:
-    """The runtime's tests on OLD_PYTHON and under C_LOCALE: (a line per run, failures)."""
+def _runtime_runs(c, both_locales: bool) -> tuple[list[str], list[str]]:
+    """The runtime's tests on OLD_PYTHON under C_LOCALE, and with both_locales under the
+    environment's locale first: (a line per run, failures)."""
     import shlex
     import shutil
     import tempfile
@@ -406,7 +416,11 @@ def _runtime_runs(c) -> tuple[list[str], list[str]]:
     # (what, the python running the unit tests, the one running the zipapp or "", env)
     runs: list[tuple[str, str, str, dict[str, str]]] = []
     if old_python.exists() and old_venv.exists():
-        runs.append((f"Python {OLD_PYTHON}", str(old_venv), str(old_python), {}))
+        if both_locales:
+            runs.append((f"Python {OLD_PYTHON}", str(old_venv), str(old_python), {}))
+        # the C locale on the old interpreter is the harder of the two (ASCII file names and
+        # output before 3.7), so the one run of the default; the main suite runs the same
+        # tests under this machine's UTF-8 locale
         runs.append((f"Python {OLD_PYTHON}, LC_ALL=C PYTHONUTF8=0", str(old_venv),
                      str(old_python), C_LOCALE))
     else:
@@ -443,22 +457,23 @@ def _runtime_runs(c) -> tuple[list[str], list[str]]:
 
 
 @task(help={"args": "extra pytest arguments, e.g. '-k formats' or '-m loop'",
-            "runtime": "first, the runtime's tests on Python 3.6.15 and under LC_ALL=C "
+            "runtime": "first, the runtime's tests on Python 3.6.15 under LC_ALL=C "
                        "PYTHONUTF8=0 (default; --no-runtime skips them)",
-            "runtime_only": "only those runs, not the whole suite"})
-def test(c, args="", runtime=True, runtime_only=False):
+            "runtime_only": "only those runs, not the whole suite",
+            "both_locales": "run them on 3.6.15 under the environment's locale too"})
+def test(c, args="", runtime=True, runtime_only=False, both_locales=False):
     """Run the test suite (unit tests; loop and VM tests run when the machine allows).
 
     Before it, the runtime's own tests (RUNTIME_UNIT_TESTS in-process, RUNTIME_ZIPAPP_TESTS
-    through the zipapp) on Python 3.6.15 and again under LC_ALL=C PYTHONUTF8=0, each run's
-    counts printed; any failure fails the task. A missing 3.6.15 is skipped with a line,
-    and fails with CI=true.
+    through the zipapp) on Python 3.6.15 under LC_ALL=C PYTHONUTF8=0 (with --both-locales
+    under the environment's locale too), each run's counts printed; any failure fails the
+    task. A missing 3.6.15 is skipped with a line, and fails with CI=true.
     """
     lines: list[str] = []
     failed: list[str] = []
     if runtime or runtime_only:
         started = time.monotonic()
-        lines, failed = _runtime_runs(c)
+        lines, failed = _runtime_runs(c, both_locales)
         print(f"\ntest: the runtime's tests in {time.monotonic() - started:.0f} s:\n  "
               + "\n  ".join(lines), flush=True)
         if runtime_only:
@@ -481,4 +496,4 @@ def lint(c):
     c.run(f"{sys.executable} -m mypy")
     vermin = Path(sys.executable).parent / "vermin"
     c.run(f"{vermin} --target=3.4- --violations --no-tips --eval-annotations runtime")
-    c.run("shellcheck runtime/resin-migrate-stage2")
+    c.run("shellcheck runtime/resin-migrate-stage2 deploy/ansible/confirm-ssh-port.sh")

@@ -9,7 +9,6 @@ require_python()
 require_modules()
 
 import argparse  # noqa: E402  (after the check, which names a missing module clearly)
-import json  # noqa: E402
 
 from . import __version__, log  # noqa: E402
 from .backup import DEFAULT_TIMEOUT, DEFAULT_VOLUMES  # noqa: E402
@@ -76,24 +75,26 @@ def _preflight(args, skip_streams=False):
 
 def cmd_check(args):
     preflight = _preflight(args)
+    code = 0 if preflight.passed else 10
     if args.json:
-        print(json.dumps({"ok": preflight.passed,
-                          "checks": [check.to_dict() for check in preflight.checks]},
-                         indent=2, sort_keys=True))
-    else:
-        for check in preflight.checks:
-            mark = {True: "ok", False: "FAIL", None: "info"}[check.ok]
-            print("{:<4}  {:<18}  {}".format(mark, check.name, check.found))
-            if check.ok is False:
-                if check.needed:
-                    print("{:<4}  {:<18}  needed: {}".format("", "", check.needed))
-                if check.hint:
-                    print("{:<4}  {:<18}  {}".format("", "", check.hint))
-        print("\n{}".format("all checks passed: 'plan' shows what stage1 will do"
-                            if preflight.passed else
-                            "some checks failed: nothing was changed; fix them and run "
-                            "check again"))
-    return 0 if preflight.passed else 10
+        from .jsonout import check_list, emit
+        emit("check", {"ok": preflight.passed, "exit_code": code,
+                       "checks": check_list(preflight.checks),
+                       "failed": check_list(preflight.failures())})
+        return code
+    for check in preflight.checks:
+        mark = {True: "ok", False: "FAIL", None: "info"}[check.ok]
+        print("{:<4}  {:<18}  {}".format(mark, check.name, check.found))
+        if check.ok is False:
+            if check.needed:
+                print("{:<4}  {:<18}  needed: {}".format("", "", check.needed))
+            if check.hint:
+                print("{:<4}  {:<18}  {}".format("", "", check.hint))
+    print("\n{}".format("all checks passed: 'plan' shows what stage1 will do"
+                        if preflight.passed else
+                        "some checks failed: nothing was changed; fix them and run "
+                        "check again"))
+    return code
 
 
 def _plan_lines(preflight):
@@ -158,20 +159,26 @@ def cmd_plan(args):
         for check in preflight.failures():
             sys.stderr.write("FAIL  {}: {}\n".format(check.name, check.found))
         sys.stderr.write("no plan: the checks above failed ('check' shows all of them)\n")
+        if args.json:
+            from .jsonout import check_list, emit
+            emit("plan", {"ok": False, "exit_code": 10,
+                          "failed": check_list(preflight.failures())})
         return 10
     if args.json:
+        from .jsonout import emit
         from .plan import describe
         from .system import partition_path
         layout = preflight.target.layout
         manifest = preflight.target.manifest
-        print(json.dumps({"disk": preflight.target.disk,
-                          "swap": partition_path(preflight.target.disk,
-                                                 preflight.target.swap.number),
-                          "partitions": [describe(flash, manifest) for flash in layout.flash],
-                          "protected_start": layout.protected_start,
-                          "network": preflight.target.network.to_dict()
-                          if preflight.target.network is not None else None,
-                          "steps": _plan_lines(preflight)}, indent=2, sort_keys=True))
+        emit("plan", {"ok": True, "exit_code": 0, "failed": [],
+                      "disk": preflight.target.disk,
+                      "swap": partition_path(preflight.target.disk,
+                                             preflight.target.swap.number),
+                      "partitions": [describe(flash, manifest) for flash in layout.flash],
+                      "protected_start": layout.protected_start,
+                      "network": preflight.target.network.to_dict()
+                      if preflight.target.network is not None else None,
+                      "steps": _plan_lines(preflight)})
     else:
         print("\n".join(_plan_lines(preflight)))
     return 0
@@ -212,14 +219,26 @@ def _volumes(text):
 
 def cmd_stage1(args):
     from .stage1 import Options, run_stage1
-    return run_stage1(Options(sysroot=args.sysroot, bundle=args.bundle, disk=args.disk,
-                              backup_script=args.backup_script, yes=args.yes,
-                              backup_volumes=args.backup_volumes,
-                              backup_timeout=args.backup_timeout,
-                              before_backup=args.before_backup,
-                              reboot=args.reboot, confirm=_ask, source=_source(args),
-                              network_ok=args.network_ok,
-                              guard_timeout=args.stage2_timeout))
+    options = Options(sysroot=args.sysroot, bundle=args.bundle, disk=args.disk,
+                      backup_script=args.backup_script, yes=args.yes,
+                      backup_volumes=args.backup_volumes, backup_timeout=args.backup_timeout,
+                      before_backup=args.before_backup, reboot=args.reboot, confirm=_ask,
+                      source=_source(args), network_ok=args.network_ok,
+                      guard_timeout=args.stage2_timeout)
+    if not args.json:
+        return run_stage1(options)
+    from .jsonout import check_list, emit
+    from .status import stage1_record
+    message, failed = None, []
+    try:
+        code = run_stage1(options)
+    except MigrateError as exc:
+        log.log.error("resin-migrate: %s", exc)
+        code, message = exc.exit_code, str(exc)
+        failed = check_list(getattr(exc, "checks", []))
+    emit("stage1", dict(stage1_record(args.sysroot), ok=code == 0, exit_code=code,
+                        error=message, failed=failed))
+    return code
 
 
 def cmd_rollback(args):
@@ -240,9 +259,10 @@ def cmd_status(args):
     lines_of_journal = 20
     found = status(args.sysroot)
     if args.json:
-        print(json.dumps(found, indent=2, sort_keys=True))
+        from .jsonout import emit
+        emit("status", found)
     else:
-        print(found["phase"])
+        print(found["summary"])
         progress = found.get("progress")
         if progress:
             print("{}: {}% ({} of {} MiB{})".format(
@@ -322,11 +342,13 @@ def build_parser():
                 "swapoff, tools, bundle integrity, room for the flasher, that the resinOS "
                 "image ends before the flash partitions, GRUB, and that the network "
                 "configuration can be carried into resinOS. Changes nothing.")
-    check.add_argument("--json", action="store_true", help="print the checks as JSON")
+    check.add_argument("--json", action="store_true",
+                       help="print the checks as JSON (docs/json.md)")
     plan = add("plan", cmd_plan, "the exact steps stage1 would take here; changes nothing",
                "Run the checks, then print the devices, sectors, sizes and files stage1 "
                "would write. Changes nothing.")
-    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--json", action="store_true",
+                      help="print the plan as JSON (docs/json.md)")
     stage1 = add("stage1", cmd_stage1, "swap area -> flasher partitions, one-shot GRUB entry",
                  "Run the checks, then: a trial of the backup script, swapoff, fstab, "
                  "repartition the swap area, stream-write and verify the flasher, flash-data "
@@ -355,6 +377,9 @@ def build_parser():
                         help="stop the backup script after this long and refuse (default: "
                              "%(default)s)")
     stage1.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    stage1.add_argument("--json", action="store_true",
+                        help="at the end, print the outcome as JSON on stdout (the log stays "
+                             "on stderr): exit code, error, failed checks, steps done")
     stage1.add_argument("--reboot", action="store_true",
                         help="reboot into the flasher when stage 1 is complete")
     stage1.add_argument("--stage2-timeout", type=_seconds, default=GUARD_TIMEOUT,
@@ -379,7 +404,8 @@ def build_parser():
                  "what stage 2 logged and recorded in its journal on flash-data (after a "
                  "flasher boot that brought this system back: why). From resinOS or a rescue "
                  "shell: mount flash-data and read resin-migrate-stage2.log.")
-    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--json", action="store_true",
+                        help="print the status as JSON (docs/json.md)")
     return parser
 
 

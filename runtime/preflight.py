@@ -18,7 +18,7 @@ from .stream import ZSTD, ZSTD_MINIMUM, zstd_version
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
-    from typing import Any, Dict, List, Optional  # noqa: F401  # novermin
+    from typing import Any, Dict, List, Optional, Sequence  # noqa: F401  # novermin
 
     from .layout import Partition  # noqa: F401
     from .netconfig.carry import NetworkPlan  # noqa: F401
@@ -53,9 +53,14 @@ SUPPORTED_OS = ("debian", "ubuntu")
 
 
 class RefusedError(MigrateError):
-    """A preflight check failed: nothing was changed."""
+    """A preflight check failed: nothing was changed. checks: the failed ones, if any."""
 
     exit_code = 10
+
+    def __init__(self, message, checks=()):
+        # type: (str, Sequence[Check]) -> None
+        super().__init__(message)
+        self.checks = list(checks)
 
 
 class Check(object):

@@ -123,7 +123,8 @@ def run_stage1(options):
         preflight.run()
         _log_checks(preflight)
         if not preflight.passed:
-            raise RefusedError("the checks failed (see above); nothing was changed")
+            raise RefusedError("the checks failed (see above); nothing was changed",
+                               preflight.failures())
         manifest = _required(preflight.target.manifest, "manifest")
         if options.reboot and options.sysroot != "/":
             raise RefusedError("--reboot works only on the running system, not with --sysroot")

@@ -229,11 +229,14 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def make_server_cert(directory: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 signed by ca: (certificate, key)."""
+def make_server_cert(directory: Path, ca: tuple[Path, Path],
+                     addresses: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:
+    """A certificate for the IP addresses (default 127.0.0.1; a VM on QEMU's user network
+    reaches this host as 10.0.2.2) signed by ca: (certificate, key)."""
     cert, key, csr = directory / "server.pem", directory / "server.key", directory / "server.csr"
     ext = directory / "server.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+    names = ",".join(f"IP:{address}" for address in addresses)
+    ext.write_text(f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
                    "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
                    "authorityKeyIdentifier=keyid,issuer\n")

@@ -605,16 +605,20 @@ def qemu_argv(
     shares: Mapping[str, Path] | None = None,
     reboot: bool = True,
     memory_mib: int = 1024,
+    ssh_port: int | None = None,
 ) -> list[str]:
     """The one QEMU command line of the tests: a PC in software emulation (KVM here runs no
-    stock kernel: -accel tcg,thread=multi -cpu qemu64 -smp 2), no network, no display, a
+    stock kernel: -accel tcg,thread=multi -cpu qemu64 -smp 2), no network (with ssh_port:
+    user networking, the guest's port 22 forwarded from 127.0.0.1:ssh_port), no display, a
     virtio RNG, each serial port written to a file, the drives in order (the first IDE one
     boots by BIOS, unless kernel is given: direct kernel boot), fw_cfg entries (a Path: its
     file; a str: the string), read-only 9p shares. reboot=False: a guest reboot ends QEMU."""
     argv = [
         QEMU, "-nodefaults", "-no-user-config", "-display", "none",
         "-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "qemu64", "-smp", "2",
-        "-m", str(memory_mib), "-rtc", "base=utc", "-nic", "none",
+        "-m", str(memory_mib), "-rtc", "base=utc",
+        "-nic", "none" if ssh_port is None else
+        f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{ssh_port}-:22",
     ]
     if not reboot:
         argv.append("-no-reboot")

@@ -7,6 +7,7 @@ Marked `loop`: root and loop devices needed. The runtime runs as the device woul
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -162,9 +163,15 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     planned = device.runtime("plan")
     assert planned.returncode == 0 and "flash-rootA" in planned.stdout, planned.stderr
 
-    result = device.runtime("stage1", "--yes", "--backup-script",
+    result = device.runtime("stage1", "--yes", "--json", "--backup-script",
                             str(backup_script(device, tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
+    # its outcome as JSON on stdout (docs/json.md), the log on stderr
+    outcome = json.loads(result.stdout)
+    assert (outcome["command"], outcome["ok"], outcome["exit_code"], outcome["error"],
+            outcome["failed"], outcome["complete"]) == ("stage1", True, 0, None, [], True)
+    assert outcome["steps_done"][0] == "plan" and outcome["steps_done"][-1] == "complete"
+    assert outcome["backup_taken"] and not outcome["running"]
 
     # the table, read back by sfdisk: root untouched, flash partitions in the swap extent
     after = sfdisk_json(Path(device.disk))
@@ -244,6 +251,10 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     assert "does not reach resinOS. Run stage1 again right before rebooting" in result.stderr
     status = device.runtime("status")
     assert "stage 1 complete" in status.stdout and "the backup is 0 min old" in status.stdout
+    status_json = json.loads(device.runtime("status", "--json").stdout)
+    assert (status_json["json_version"], status_json["phase"], status_json["complete"]) == (
+        1, "stage1-complete", True)
+    assert status_json["backup_age_seconds"] < 600
     (device.sysroot / APPDATA_DIR / "late.txt").write_text("after stage 1\n")
     again = device.runtime("stage1", "--yes")
     assert again.returncode == 0 and "already complete and the flasher boots next; taking " \
@@ -262,6 +273,7 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
 
     rolled = device.runtime("rollback")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(device.runtime("status", "--json").stdout)["phase"] == "none"
     assert sfdisk_dump(device.disk) == before_dump
     restored = blkid(Path(device.partition(swap_number)))
     assert (restored["TYPE"], restored["UUID"], restored.get("LABEL")) == (
@@ -306,6 +318,7 @@ def test_interrupted_stage1_rolls_back(device: Device, killed_after: str) -> Non
     assert "interrupted after" in status.stdout and killed_after in status.stdout
     rolled = device.runtime("rollback")
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert json.loads(device.runtime("status", "--json").stdout)["phase"] == "none"
     assert sfdisk_dump(device.disk) == before_dump
     swap = next(blkid(Path(device.partition(n))) for n in (2, 5)
                 if Path(device.partition(n)).exists()
@@ -579,7 +592,7 @@ def _refused_twice(device: Device, extra: dict, message: str) -> None:
     """check and stage1 both refuse with the message, and the disk's bytes stay the same."""
     before = disk_digest(device)
     bundle = extra.get("bundle", device.bundle)
-    for command in (["check"], ["stage1", "--yes"]):
+    for command in (["check"], ["stage1", "--yes", "--json"]):
         argv = [PYTHON, str(bundle / "resin-migrate.pyz"), "--bundle", str(bundle), "--disk",
                 device.disk, "--sysroot", str(device.sysroot), *command]
         result = subprocess.run([*extra.get("prefix", []), *argv], capture_output=True,
@@ -588,6 +601,13 @@ def _refused_twice(device: Device, extra: dict, message: str) -> None:
         assert result.returncode == 10, output
         assert message in output
         assert "Traceback" not in output
+    # stage1 --json (docs/json.md): the refusal and the failed check that says why
+    found = json.loads(result.stdout)
+    assert (found["json_version"], found["command"], found["ok"], found["exit_code"]) == (
+        1, "stage1", False, 10)
+    assert found["steps_done"] == [] and not found["complete"] and found["error"]
+    assert any(message in " ".join((check["found"], check["needed"], check["hint"]))
+               for check in found["failed"]) or message in found["error"], found
     assert disk_digest(device) == before
     # not even the log or the state directory
     assert not (device.sysroot / "var/log/resin-migrate.log").exists()

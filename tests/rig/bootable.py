@@ -48,7 +48,8 @@ devices); later builds of another spec need only QEMU and root for the cache dir
 
 ``boot(disk, ...)`` boots ``disk`` by BIOS (SeaBIOS, no ``-kernel``) as the first IDE disk
 (``/dev/sda``, serial ``resin-disk0``) with ``tests.imaging.boot``: raw, read-write,
-``cache=unsafe``, software emulation, no network, a guest reboot resets the machine and it
+``cache=unsafe``, software emulation, no network (or with ``ssh_port`` QEMU's user
+networking, SSH forwarded), a guest reboot resets the machine and it
 boots again from the disk in the same QEMU process with the same fw_cfg entry; both serial
 ports read live, each line stamped when it arrives (see ``tests.imaging.boot`` for how a
 run ends and what the disk holds then).
@@ -282,6 +283,7 @@ def boot(
     extra_disks: Sequence[Path] = (),
     memory_mib: int = 1024,
     log_dir: Path | None = None,
+    ssh_port: int | None = None,
 ) -> BootResult:
     """Boot disk by BIOS in QEMU and read both serial ports until the guest powers off, a
     line contains until, or timeout seconds have passed; see the module docstring.
@@ -291,6 +293,8 @@ def boot(
     extra_disks: more IDE disks (/dev/sdb...), at most MAX_EXTRA_DISKS.
     log_dir: keep serial0.log, serial1.log and qemu.log there (default: a temporary
     directory, removed).
+    ssh_port: a network (QEMU's user networking: the guest gets 10.0.2.15 by DHCP and
+    reaches this host as 10.0.2.2) with the guest's port 22 on 127.0.0.1:ssh_port.
 
     Raises BootError when QEMU exits with an error, ValueError for bad arguments."""
     if len(extra_disks) > MAX_EXTRA_DISKS:
@@ -303,4 +307,4 @@ def boot(
             fw_cfg[_FW_SCRIPT] = script
         drives = [Drive(Path(d)) for d in (disk, *extra_disks)]
         return imaging.boot(drives, timeout=timeout, until=until, cut=cut, log_dir=log_dir,
-                            fw_cfg=fw_cfg, memory_mib=memory_mib)
+                            fw_cfg=fw_cfg, memory_mib=memory_mib, ssh_port=ssh_port)

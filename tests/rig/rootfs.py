@@ -64,6 +64,11 @@ PACKAGES = (
     "procps",
     "gzip",
     "tar",
+    # the fleet scenario reaches the device as a fleet tool does (tests/fleet.py): sshd,
+    # started on every boot (the other scenarios give the VM no network), and the ip the
+    # runtime reads the live routes with, as every installed Debian has it
+    "openssh-server",
+    "iproute2",
 )
 HOSTNAME = "legacy-device"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -235,6 +240,9 @@ def _customize(tree: Path) -> None:
         "usr/bin/zstd",
         "usr/sbin/sfdisk",
         "usr/sbin/parted",
+        "usr/sbin/sshd",
+        "usr/bin/ip",
+        "usr/lib/openssh/sftp-server",
     ]
     missing = [c for c in checks if not (tree / c).exists()]
     for kernel_file in ("vmlinuz-*", "initrd.img-*"):
