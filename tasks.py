@@ -13,60 +13,21 @@ from invoke import Exit, task
 ROOT = Path(__file__).resolve().parent
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
-        value /= 1024
-    return f"{size} B"
+def _say(prefix: str):
+    """A progress callback printing "PREFIX: text" at once."""
+    def say(text: str) -> None:
+        print(f"{prefix}: {text}", flush=True)
+    return say
 
 
-def _run_build(image: Path, out: Path, config: str | None, network: str | None,
-               compression: str | None, stream_compression: str, force: bool, quiet: bool,
-               workdir: str | None) -> None:
-    from builder.progress import Progress
-    from builder.repack import BuildOptions, build
-    from runtime.errors import MigrateError
+def _build(image: Path, out: Path, *options: str) -> None:
+    """build-flasher (builder/cli.py); an invoke Exit with its code when it fails (it has
+    printed why)."""
+    from builder.cli import main
 
-    options = BuildOptions(
-        image=image, out=out, config=Path(config) if config else None,
-        network=Path(network) if network else None, compression=compression,
-        stream_compression=stream_compression, force=force,
-        workdir=Path(workdir) if workdir else None)
-    started = time.monotonic()
-    try:
-        result = build(options, Progress(quiet=quiet))
-    except MigrateError as exc:
-        raise Exit(f"build-flasher: {exc}", code=exc.exit_code) from exc
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise Exit(f"build-flasher: {exc.strerror or exc}{where}; nothing was written to --out",
-                   code=8) from exc
-    except KeyboardInterrupt:
-        raise Exit("build-flasher: interrupted; nothing was written to --out", code=130) from None
-    elapsed = time.monotonic() - started
-    manifest = result.manifest
-    inner = manifest.inner_image
-    print(f"bundle written to {result.out} in {elapsed:.1f} s")
-    for name, size in result.files.items():
-        print(f"  {name:<24} {_human(size):>12}")
-    print(f"  total                    {_human(sum(result.files.values())):>12}")
-    print(f"inner image {inner.original_path}: {_human(inner.raw_size)}, of which "
-          f"{_human(inner.stream_size)} in {len(inner.extents)} extents hold data -> "
-          f"{inner.compression} {_human(inner.size)} ({inner.size / inner.raw_size:.1%})")
-    for part in manifest.partitions:
-        what = f"stream {part.stream}" if part.stream else "created on the device"
-        grows = ", grows into the rest of the swap area" if part.grows else ""
-        print(f"  device partition {part.label:<12} {part.fs:<5} {_human(part.size):>10}  "
-              f"{what}{grows}")
-    print(f"next: copy {result.out} to the device and run "
-          f"'python3 {manifest_runtime_name()} verify' in it")
-
-
-def manifest_runtime_name() -> str:
-    from runtime.manifest import RUNTIME_NAME
-    return RUNTIME_NAME
+    code = main(["--image", str(image), "--out", str(out), *options])
+    if code:
+        raise Exit(code=code)
 
 
 @task(help={
@@ -83,12 +44,15 @@ def manifest_runtime_name() -> str:
     "quiet": "no progress bars",
     "workdir": "where to keep the temporary copies (default: beside --out); needs about "
                "twice the flasher's raw size free",
+    "verbose": "print every command run (with its exit code and stderr when it fails)",
 })
 def build_flasher(c, image=None, out=None, config=None, network=None, compression=None,
-                  stream_compression="gzip", force=False, quiet=False, workdir=None):
+                  stream_compression="gzip", force=False, quiet=False, workdir=None,
+                  verbose=False):
     """Repack an intel-nuc resinOS flasher image into a migration bundle (no root needed).
 
-    The bundle holds manifest.json, one compressed stream per partition the device needs
+    The same as `python -m builder` (builder/cli.py, whose --help has the whole story). The
+    bundle holds manifest.json, one compressed stream per partition the device needs
     (flash-boot, flash-rootA), resin-migrate.pyz and SHA256SUMS. Exit codes: 0 bundle written;
     1 a bug; 3 unreadable input; 4 not an intel-nuc flasher; 5 bad option or --out not empty;
     6 a tool missing or failed; 7 an edit could not be verified; 8 a file could not be read or
@@ -98,8 +62,14 @@ def build_flasher(c, image=None, out=None, config=None, network=None, compressio
     if missing:
         raise Exit(f"build-flasher: {' and '.join(missing)} required; see "
                    "'invoke build-flasher --help'", code=5)
-    _run_build(Path(image), Path(out), config, network, compression, stream_compression,
-               force, quiet, workdir)
+    options = [*(["--config", config] if config else []),
+               *(["--network", network] if network else []),
+               *(["--compression", compression] if compression else []),
+               "--stream-compression", stream_compression,
+               *(["--workdir", workdir] if workdir else []),
+               *(["--force"] if force else []), *(["--quiet"] if quiet else []),
+               *(["--verbose"] if verbose else [])]
+    _build(Path(image), Path(out), *options)
 
 
 @task(help={"out": "bundle directory (default: dist/demo; replaced if present)",
@@ -124,8 +94,10 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     image = cached_flasher()
     print(f"demo: synthetic flasher: {image}")
     config = ROOT / "tests" / "data" / "config.json"
-    _run_build(image, Path(out), str(config), None, None, "gzip", True, quiet, None)
-    c.run(f"{sys.executable} {Path(out) / manifest_runtime_name()} verify", pty=False)
+    from runtime.manifest import RUNTIME_NAME
+
+    _build(image, Path(out), "--config", str(config), "--force", *(["--quiet"] if quiet else []))
+    c.run(f"{sys.executable} {Path(out) / RUNTIME_NAME} verify", pty=False)
     if bundle_only:
         return
     missing = []
@@ -145,7 +117,7 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     work = Path(tempfile.mkdtemp(prefix="resin-migrate-demo-"))
     started = time.monotonic()
     try:
-        result = migrate(LegacySpec(), work)
+        result = migrate(LegacySpec(), work, progress=_say("demo"))
     except E2EError as exc:
         raise Exit(f"demo: {exc}", code=1) from exc
     finally:
@@ -208,7 +180,7 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
         try:
             if name == "fleet":
                 from tests.fleet import run_fleet
-                fleet = run_fleet(work)
+                fleet = run_fleet(work, progress=_say(name))
                 print(f"{name}: the playbook ran in {time.monotonic() - started:.0f} s "
                       f"(including the bundle build):\n{fleet.summary()}\n  report: "
                       f"{json.dumps(fleet.report['summary'], sort_keys=True)}")
@@ -218,11 +190,12 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
                       f"restored the swap ({result.swaps_after}) in "
                       f"{time.monotonic() - started:.0f} s")
             elif name == "older":
-                migrated = migrate(LegacySpec(), work, release=OLDER_RELEASE)
+                migrated = migrate(LegacySpec(), work, release=OLDER_RELEASE,
+                                   progress=_say(name))
                 print(f"{name}: migrated with the {OLDER_RELEASE.name} flasher in "
                       f"{time.monotonic() - started:.0f} s\n{migrated.summary()}")
             elif name == "oldtools":
-                migrated = migrate(OLDTOOLS_SPEC, work, old_tools=True)
+                migrated = migrate(OLDTOOLS_SPEC, work, old_tools=True, progress=_say(name))
                 said = [line for _, line in migrated.boot.serial1
                         if line.startswith(("E2E tool ", "E2E locale", "E2E python3"))]
                 print(f"{name}: migrated in {time.monotonic() - started:.0f} s; "
@@ -230,12 +203,14 @@ def e2e(c, scenario="all", keep=False, rows="", instants=""):
                       f"{table_text(migrated.tables['legacy'])}\n  final table: "
                       f"{table_text(migrated.tables['final'])}\n{migrated.summary()}")
             elif name == "static":
-                migrated = migrate(LegacySpec(), work, network=StaticNetwork())
+                migrated = migrate(LegacySpec(), work, network=StaticNetwork(),
+                                   progress=_say(name))
                 print(f"{name}: migrated in {time.monotonic() - started:.0f} s; resin-boot "
                       f"holds {', '.join(sorted(migrated.keyfiles))}\n{migrated.summary()}")
             else:
                 placement = SwapPlacement.PRIMARY if name == "primary" else SwapPlacement.LOGICAL
-                migrated = migrate(LegacySpec(placement=placement), work)
+                migrated = migrate(LegacySpec(placement=placement), work,
+                                   progress=_say(name))
                 print(f"{name}: migrated in {time.monotonic() - started:.0f} s "
                       f"(including the bundle build)\n{migrated.summary()}")
         except E2EError as exc:
@@ -364,7 +339,7 @@ C_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
 RUNTIME_UNIT_TESTS = ("tests/test_locale.py", "tests/test_manifest.py", "tests/test_plan.py",
                       "tests/test_mbr.py", "tests/test_preflight.py", "tests/test_stream.py",
                       "tests/test_network.py", "tests/test_download.py",
-                      "tests/test_stage2_names.py")
+                      "tests/test_stage2_names.py", "tests/test_cli.py")
 # A representative few of the loop-device tests that run the zipapp with
 # RESIN_MIGRATE_TEST_PYTHON (all of them take about 15 minutes; these about 2): the whole
 # of stage 1 and rollback on the logical-swap layout (Ubuntu's default), a resumed stage 1

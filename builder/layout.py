@@ -14,7 +14,7 @@ from pathlib import Path
 
 import parted
 
-from runtime.layout import Layout, Partition
+from runtime.layout import Layout, LayoutError, Partition
 from runtime.run import run
 
 from .errors import FlasherLayoutError, InputFormatError
@@ -95,7 +95,12 @@ def read_layout(image: Path) -> Layout:
         partitions.append(Partition(part.number, part.geometry.start, part.geometry.length,
                                     kind, fs, label, tuple(flags)))
     layout = Layout(disk.type, sector, device.length, partitions)
-    layout.validate(str(image))
+    try:
+        layout.validate(str(image))
+    except LayoutError as exc:
+        raise FlasherLayoutError(
+            f"{exc}: no flasher balena publishes has such a table. Download the flasher "
+            "again, or repack an unmodified one") from exc
     return layout
 
 

@@ -12,25 +12,8 @@ import argparse  # noqa: E402  (after the check, which names a missing module cl
 
 from . import __version__, log  # noqa: E402
 from .backup import DEFAULT_TIMEOUT, DEFAULT_VOLUMES  # noqa: E402
-from .errors import MigrateError  # noqa: E402
+from .errors import EXIT_CODES, MigrateError  # noqa: E402
 from .stage2names import GUARD_TIMEOUT  # noqa: E402
-
-EXIT_CODES = """\
-exit codes:
-  0   success
-  1   unexpected internal error (a bug: report it with /var/log/resin-migrate.log)
-  2   usage error (bad command line)
-  3   manifest.json missing, malformed or failing validation
-  4   a bundle file is missing or does not match its sha256 in the manifest
-  5   this Python cannot run the runtime: older than 3.4, or lacking standard modules it
-      needs (the message names the package)
-  6   an external tool is missing or failed (the message names it)
-  7   a file of the bundle could not be downloaded from --bundle-url (network, HTTP error,
-      certificate not accepted), after the retries
-  10  refused: a check failed, or not confirmed; nothing on the disk was changed
-  11  stage 1 failed after changing the device: run 'rollback' (or stage1 again)
-  12  rollback failed, or there is nothing to roll back
-"""
 
 
 def default_bundle_dir():
@@ -74,86 +57,19 @@ def _preflight(args, skip_streams=False):
 
 
 def cmd_check(args):
+    from .render import check_fields, check_text
     preflight = _preflight(args)
     code = 0 if preflight.passed else 10
     if args.json:
-        from .jsonout import check_list, emit
-        emit("check", {"ok": preflight.passed, "exit_code": code,
-                       "checks": check_list(preflight.checks),
-                       "failed": check_list(preflight.failures())})
-        return code
-    for check in preflight.checks:
-        mark = {True: "ok", False: "FAIL", None: "info"}[check.ok]
-        print("{:<4}  {:<18}  {}".format(mark, check.name, check.found))
-        if check.ok is False:
-            if check.needed:
-                print("{:<4}  {:<18}  needed: {}".format("", "", check.needed))
-            if check.hint:
-                print("{:<4}  {:<18}  {}".format("", "", check.hint))
-    print("\n{}".format("all checks passed: 'plan' shows what stage1 will do"
-                        if preflight.passed else
-                        "some checks failed: nothing was changed; fix them and run "
-                        "check again"))
+        from .jsonout import emit
+        emit("check", check_fields(preflight, code))
+    else:
+        print(check_text(preflight))
     return code
 
 
-def _plan_lines(preflight):
-    target = preflight.target
-    layout = target.layout
-    manifest = target.manifest
-    disk = target.disk
-    from .plan import describe
-    from .system import partition_path
-    swap = partition_path(disk, target.swap.number)
-    lines = [
-        "1. try the backup script, if given (its DIR/VOLUME/ layout and size checked "
-        "against what the Supervisor restores and resin-data holds); place the partitions",
-        "2. record the partition table of {} and the swap signature of {} (UUID {}, LABEL "
-        "{}) in /var/lib/resin-migrate".format(disk, swap,
-                                              target.swap_probe.get("UUID", "-"),
-                                              target.swap_probe.get("LABEL", "-")),
-        "3. swapoff {}".format(swap),
-        "4. comment out the swap line of /etc/fstab ({}); keep a copy".format(
-            target.fstab_swap.spec if target.fstab_swap else "no line names it"),
-        "5. replace {} (sectors {}-{}) with:".format(swap, target.swap.start,
-                                                   target.swap.end - 1),
-    ]
-    if layout.new_extended is not None:
-        lines.append("     {} extended, sectors {}-{}".format(
-            partition_path(disk, layout.new_extended.number), layout.new_extended.start,
-            layout.new_extended.end - 1))
-    for flash in layout.flash:
-        stream = describe(flash, manifest)["stream"]
-        lines.append("     {} {:<12} {:<5} sectors {}-{} ({} MiB){}".format(
-            partition_path(disk, flash.number), flash.label, flash.fs, flash.start,
-            flash.end - 1, flash.size * 512 >> 20,
-            ", from " + stream if stream else ", formatted empty"))
-    lines += [
-        "   writing sector 0 and the extended boot records itself, and tell the kernel of "
-        "each changed partition (BLKPG; the root partition stays mounted)",
-        "6. {} each stream onto its partition, read it back with O_DIRECT, compare "
-        "sha256".format("download from {} and write".format(preflight.target.bundle)
-                        if getattr(preflight.target.bundle, "remote", False) else "write"),
-        "7. mkfs.ext4 flash-data; write manifest.json, stage2.env and the log",
-        "8. the backup, taken last: --before-backup, the script, backup.tgz (0600) onto "
-        "flash-data, read back, its size and sha256 into stage2.env",
-        "9. add /etc/grub.d/42_resin-migrate booting {} from {} with '{}', update-grub, "
-        "grub-reboot (one boot only)".format(manifest.boot.kernel, manifest.boot.kernel_label,
-                                            manifest.boot.cmdline),
-        "then, after the reboot, stage 2 writes resinOS ({} MiB, ending before sector {}; "
-        "the {} MiB its filesystems use, the rest is skipped) over the start of {}".format(
-            manifest.inner_image.raw_size >> 20, layout.protected_start,
-            manifest.inner_image.stream_size >> 20, disk),
-    ]
-    network = preflight.target.network
-    if network is not None:
-        at = [index for index, line in enumerate(lines) if line.startswith("7. ")][0] + 1
-        lines[at:at] = ["   then the network: " + line.strip() if index == 0 else "   " + line
-                        for index, line in enumerate(network.lines())]
-    return lines
-
-
 def cmd_plan(args):
+    from .render import plan_fields, plan_lines
     preflight = _preflight(args)
     if not preflight.passed:
         for check in preflight.failures():
@@ -166,21 +82,9 @@ def cmd_plan(args):
         return 10
     if args.json:
         from .jsonout import emit
-        from .plan import describe
-        from .system import partition_path
-        layout = preflight.target.layout
-        manifest = preflight.target.manifest
-        emit("plan", {"ok": True, "exit_code": 0, "failed": [],
-                      "disk": preflight.target.disk,
-                      "swap": partition_path(preflight.target.disk,
-                                             preflight.target.swap.number),
-                      "partitions": [describe(flash, manifest) for flash in layout.flash],
-                      "protected_start": layout.protected_start,
-                      "network": preflight.target.network.to_dict()
-                      if preflight.target.network is not None else None,
-                      "steps": _plan_lines(preflight)})
+        emit("plan", plan_fields(preflight))
     else:
-        print("\n".join(_plan_lines(preflight)))
+        print("\n".join(plan_lines(preflight)))
     return 0
 
 
@@ -189,7 +93,8 @@ def _ask(preflight):
     if preflight is None:
         question = "\nResume the interrupted stage 1? Type 'yes' to go on: "
     else:
-        print("\n".join(_plan_lines(preflight)))
+        from .render import plan_lines
+        print("\n".join(plan_lines(preflight)))
         question = "\nThis repartitions {}. Type 'yes' to go on: ".format(preflight.target.disk)
     if not sys.stdin.isatty():
         return False
@@ -282,56 +187,72 @@ def cmd_status(args):
     return 0
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="resin-migrate.pyz",
-        description="Migrate this device onto resinOS in place, from a bundle made by "
-                    "'invoke build-flasher'. Run it as root. Order: check, plan, stage1 "
-                    "(then reboot); rollback undoes stage1 before the reboot.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="resin-migrate " + __version__)
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--bundle", default=default_bundle_dir(), metavar="DIR",
+def global_options(after_command):
+    # type: (bool) -> argparse.ArgumentParser
+    """The options of every command, accepted before its name and after it. After it, the
+    command's own parser reads them: there their defaults are SUPPRESS, so that a value
+    given before the name is not replaced by a default."""
+    def default(value):
+        return argparse.SUPPRESS if after_command else value
+
+    options = argparse.ArgumentParser(add_help=False)
+    where = options.add_mutually_exclusive_group()
+    where.add_argument("--bundle", default=default(default_bundle_dir()), metavar="DIR",
                        help="the bundle directory (default: the directory holding this .pyz)")
-    where.add_argument("--bundle-url", metavar="URL",
+    where.add_argument("--bundle-url", default=default(None), metavar="URL",
                        help="the bundle's directory on an HTTPS server instead: check and plan "
                             "fetch only manifest.json and SHA256SUMS; stage1 downloads each "
                             "stream as it writes it onto its partition (nothing stored on "
                             "/), resuming an interrupted download with range requests. "
                             "Proxies from https_proxy/http_proxy/no_proxy. A resumed stage1 "
                             "uses the URL it started with")
-    parser.add_argument("--ca-file", metavar="PEM",
-                        help="with --bundle-url: trust only the CA certificate(s) in PEM for "
+    options.add_argument("--ca-file", default=default(None), metavar="PEM",
+                         help="with --bundle-url: trust only the CA certificate(s) in PEM for "
                              "the server's certificate (default: the system's CA store)")
-    parser.add_argument("--auth-file", metavar="PATH",
-                        help="with --bundle-url: send the one line in PATH (mode 0600) as the "
+    options.add_argument("--auth-file", default=default(None), metavar="PATH",
+                         help="with --bundle-url: send the one line in PATH (mode 0600) as the "
                              "Authorization header, e.g. 'Bearer TOKEN', to the bundle's server "
                              "only (not after a redirect elsewhere). Without it, credentials "
                              "for the server's host in ~/.netrc (or $NETRC) are sent as Basic "
                              "authentication. Never give a credential on the command line: "
                              "ps shows it")
-    parser.add_argument("--allow-http", action="store_true",
-                        help="with --bundle-url: allow a plain http:// URL. Nothing then "
+    options.add_argument("--allow-http", action="store_true", default=default(False),
+                         help="with --bundle-url: allow a plain http:// URL. Nothing then "
                              "authenticates the server: the manifest's sha256 values are the "
                              "only protection, and they come over the same connection, so "
                              "they catch corruption but not a tampering network")
-    parser.add_argument("--retries", type=int, default=8, metavar="N",
-                        help="with --bundle-url: attempts after a failed connection or an "
+    options.add_argument("--retries", type=int, default=default(8), metavar="N",
+                         help="with --bundle-url: attempts after a failed connection or an "
                              "interrupted download, waiting 1, 2, 4 ... up to 60 s (default "
                              "8; a resumed download resets the count)")
-    parser.add_argument("--disk", metavar="DEV",
-                        help="the disk to migrate (default: the disk holding the root "
+    options.add_argument("--disk", default=default(None), metavar="DEV",
+                         help="the disk to migrate (default: the disk holding the root "
                              "filesystem; given, it must be that disk)")
-    parser.add_argument("--sysroot", default="/", metavar="DIR",
-                        help="the root filesystem of the system to migrate, mounted (default "
+    options.add_argument("--sysroot", default=default("/"), metavar="DIR",
+                         help="the root filesystem of the system to migrate, mounted (default "
                              "/; another directory prepares a disk that is not running, with "
                              "GRUB run chrooted)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also print every command run")
+    options.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                         help="also print every command run")
+    return options
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="resin-migrate.pyz",
+        description="Migrate this device onto resinOS in place, from a bundle made by "
+                    "'invoke build-flasher'. Run it as root. Order: check, plan, stage1 "
+                    "(then reboot); rollback undoes stage1 before the reboot.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options(after_command=False)])
+    parser.add_argument("--version", action="version", version="resin-migrate " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    after = global_options(after_command=True)
+
     def add(name, func, summary, description):
-        sub = commands.add_parser(name, help=summary, description=description)
+        sub = commands.add_parser(name, help=summary, description=description,
+                                  parents=[after])
         sub.set_defaults(func=func)
         return sub
 
@@ -413,6 +334,10 @@ def main(argv=None):
     log.tolerant_output()
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if args.bundle_url and any(word == "--bundle" or word.startswith("--bundle=")
+                               for word in given):
+        parser.error("argument --bundle-url: not allowed with argument --bundle")
     log.setup(verbose=args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -7,6 +7,8 @@ Shared by the builder (which reads it from images with pyparted) and the runtime
 
 import re
 
+from .errors import MigrateError
+
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
     from typing import Optional  # noqa: F401  # novermin
@@ -18,8 +20,9 @@ FS_PATTERN = re.compile(r"^[a-z0-9]{1,16}$")
 FLAG_PATTERN = re.compile(r"^[a-z_]{1,16}$")
 
 
-class LayoutError(ValueError):
-    """A layout whose data is inconsistent; the message names the field."""
+class LayoutError(MigrateError, ValueError):
+    """A layout whose data is inconsistent; the message names the field. Whoever reads a
+    layout from outside turns it into its own refusal (the manifest's, the builder's)."""
 
 
 class Partition(object):

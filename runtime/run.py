@@ -14,7 +14,7 @@ from .files import decode, encode
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
-    from typing import Optional  # noqa: F401  # novermin
+    from typing import Any, Optional  # noqa: F401  # novermin
 
 log = logging.getLogger("resin-migrate")
 
@@ -89,6 +89,23 @@ def run(argv, env=None, input_text=None, check=True, ok_codes=(0,), cwd=None, ti
     if check and (timed_out or proc.returncode not in ok_codes):
         raise CommandError(argv, proc.returncode, result.stderr or result.stdout)
     return result
+
+
+def spawn(argv, stdin, stdout, stderr, note=""):
+    # type: (list, Any, Any, Any, str) -> subprocess.Popen
+    """Start argv with the same environment as run() for a caller that streams through
+    its pipes (zstd -dc), logged as run() logs (note: e.g. '< flash-rootA.zst'). The caller
+    waits for it and kills it on its error paths."""
+    argv = [str(arg) for arg in argv]
+    log.debug("run: %s%s", quote_command(argv), " " + note if note else "")
+    try:
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
+                                env=dict(_BASE_ENV), close_fds=True)
+    except OSError as exc:
+        if exc.errno == 2:
+            raise ToolMissingError("{} is not installed (needed to run: {})".format(
+                argv[0], quote_command(argv))) from exc
+        raise
 
 
 def _stop(proc, grace=5.0):

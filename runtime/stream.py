@@ -24,7 +24,7 @@ import time
 import zlib
 
 from .errors import CommandError, MigrateError, ToolMissingError
-from .run import _BASE_ENV, quote_command, which
+from .run import _BASE_ENV, quote_command, spawn, which
 
 MYPY = False
 if MYPY:  # typing is not imported at run time (Python 3.4 devices)
@@ -388,11 +388,9 @@ def _run_zstd(zstd, src, source, writer):
     stdout; the child is killed and reaped on every error path.
     """
     argv = [zstd, "-dc", "-q"]
-    log.debug("run: %s < %s", quote_command(argv), source)
     with tempfile.TemporaryFile() as stderr:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=stderr, env=dict(_BASE_ENV), close_fds=True)
+            proc = spawn(argv, subprocess.PIPE, subprocess.PIPE, stderr, "< " + source)
         except OSError as exc:
             raise StreamError("cannot start {}: {}".format(
                 quote_command(argv), exc)) from exc

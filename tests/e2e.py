@@ -44,6 +44,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,24 +355,50 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
     return disk
 
 
+class PhasePrinter:
+    """Says each MILESTONES phase as its marker arrives on a serial port, with the seconds
+    since QEMU started: a live account of a run that takes minutes (invoke demo, e2e)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.next = 0
+
+    def __call__(self, seconds: float, line: str) -> None:
+        while self.next < len(MILESTONES) and MILESTONES[self.next][1] in line:
+            name = MILESTONES[self.next][0]
+            self.next += 1
+            after = (f"; next: {MILESTONES[self.next][0]}" if self.next < len(MILESTONES)
+                     else "")
+            self.say(f"{seconds:4.0f} s  {name}{after}")
+
+
 def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
             network: StaticNetwork | None = None,
-            release: Release = FLASHER_RELEASE, old_tools: bool = False) -> E2EResult:
+            release: Release = FLASHER_RELEASE, old_tools: bool = False,
+            progress: Callable[[str], None] | None = None) -> E2EResult:
     """Migrate a legacy VM of this layout end to end with the bootable flasher of release;
     E2EError unless the legacy disk's table is spec's before the boot, resinOS reports what
     check_report lists and the disk's table is then the resinOS image's (check_tables, read
     by sfdisk on the host). With network, the legacy device is configured so (see
     StaticNetwork) and its keyfiles must be on the migrated resin-boot, its WiFi key in no
     log (check_network). With old_tools, the guest has no OLD_TOOLS and runs the runtime
-    under LANG=C (OLD_TOOLS_PREAMBLE), and its log must say so (check_old_tools)."""
+    under LANG=C (OLD_TOOLS_PREAMBLE), and its log must say so (check_old_tools).
+    progress(text): told of each step as it starts, and of each phase of the boot."""
+    say = progress or (lambda text: None)
+    say(f"building the bundle of the {release.name} flasher")
     bundle = build_bundle(workdir, release)
+    say("copying the bootable legacy disk, the bundle and the backup script onto it")
     disk = prepare_disk(spec, bundle, workdir, network.files if network else None)
     legacy_table = check_legacy_table(spec, disk)
     # where flash-data will be: the old swap area (from the start without a swap partition)
     swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0]
+    say(f"booting the legacy VM (QEMU, software emulation; serial logs in {workdir}); "
+        f"next: {MILESTONES[0][0]}")
     result = boot(disk, autorun=migrate_script(plan_json=network is not None,
                                                old_tools=old_tools),
-                  timeout=timeout, until="RESINOS-REPORT end", log_dir=workdir)
+                  timeout=timeout, until="RESINOS-REPORT end", log_dir=workdir,
+                  on_line=PhasePrinter(say) if progress else None)
+    say(f"the VM ended ({result.reason}) after {result.seconds:.0f} s; checking the disk")
     times = milestone_times(result)
     if old_tools and "stage 1" in times:
         check_old_tools(result)

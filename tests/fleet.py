@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,13 +354,17 @@ def _check_report(report: dict, machines: list[Machine]) -> None:
         raise E2EError("fleet report", "; ".join(problems), None)
 
 
-def run_fleet(workdir: Path) -> FleetResult:
-    """The whole scenario (module docstring); E2EError naming what failed."""
+def run_fleet(workdir: Path, progress: Callable[[str], None] | None = None) -> FleetResult:
+    """The whole scenario (module docstring); E2EError naming what failed. progress(text):
+    told of each step as it starts."""
+    say = progress or (lambda text: None)
+    say("building the bundle")
     bundle = build_bundle(workdir)
     key = workdir / "id_fleet"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "resin-migrate-e2e",
                     "-f", str(key)], check=True)
     public_key = (workdir / "id_fleet.pub").read_text()
+    say(f"preparing the disks of {', '.join(host.name for host in HOSTS)}")
     machines = [prepare(host, workdir, public_key) for host in HOSTS]
     pki = workdir / "pki"
     ca = make_ca(pki, "fleet-ca")
@@ -368,6 +373,7 @@ def run_fleet(workdir: Path) -> FleetResult:
         bundle_url = server.url.replace("127.0.0.1", HOST_FROM_GUEST)
         for machine in machines:
             _start(machine)
+        say(f"booting the three VMs (serial logs under {workdir}); waiting for sshd")
         try:
             _wait_for_ssh(machines, key)
             for machine in machines:
@@ -378,7 +384,9 @@ def run_fleet(workdir: Path) -> FleetResult:
                         raise E2EError("legacy boot", f"{machine.host.name} still has "
                                        f"{said.stdout.strip()}", None)
             inventory = _inventory(machines, workdir, key, bundle, bundle_url, ca[0])
+            say(f"running the playbook, serial {SERIAL} (its log: {workdir / 'ansible.log'})")
             code, output, seconds = _play(inventory, workdir)
+            say(f"the playbook ended with {code} after {seconds:.0f} s; stopping the VMs")
         finally:
             _stop(machines, key)
     recap = output[output.rfind("PLAY RECAP"):].splitlines()[1:]

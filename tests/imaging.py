@@ -814,6 +814,7 @@ def boot(
     until: str | None = None,
     cut: Cut | None = None,
     log_dir: Path | None = None,
+    on_line: Callable[[float, str], None] | None = None,
     **qemu: object,
 ) -> BootResult:
     """Run QEMU (qemu_argv(drives, ..., **qemu)) and read its serial ports live until it
@@ -822,7 +823,8 @@ def boot(
     timeout seconds pass ("timeout"), or at cut ("cut": killed, see Cut). QEMU is always
     ended before this returns. Each line
     is stamped when read, terminal control sequences and CRs removed. log_dir keeps
-    serial<N>.log and qemu.log (default: a temporary directory, removed). With "marker" or
+    serial<N>.log and qemu.log (default: a temporary directory, removed). on_line(seconds,
+    line) sees each line as it arrives (for a live account of long runs). With "marker" or
     "timeout" the disks hold what the guest had handed to QEMU (cache=unsafe keeps nothing
     back; the guest's page cache is lost), as after a power cut.
 
@@ -860,7 +862,8 @@ def boot(
                                         stderr=subprocess.STDOUT, env=env)
                 reason = "error"
                 try:
-                    reason = _watch(proc, readers, started, timeout, until, watch_cut)
+                    reason = _watch(proc, readers, started, timeout, until, watch_cut,
+                                    on_line)
                 finally:
                     if reason == "cut":     # a power cut: no clean exit of QEMU
                         proc.kill()
@@ -885,11 +888,14 @@ def boot(
 
 
 def _watch(proc: subprocess.Popen[bytes], readers: list[_Lines], started: float,
-           timeout: float, until: str | None, cut: _CutWatch | None = None) -> str:
+           timeout: float, until: str | None, cut: _CutWatch | None = None,
+           on_line: Callable[[float, str], None] | None = None) -> str:
     def seen(now: float) -> bool:
         hit = False
         for reader in readers:
             for line in reader.poll(now):
+                if on_line is not None:
+                    on_line(now, line)
                 hit = hit or (until is not None and until in line)
                 if cut is not None:
                     cut.line(line)

@@ -117,6 +117,16 @@ def _garbage(tmp: Path) -> Path:
     return path
 
 
+def _duplicate_label(tmp: Path) -> Path:
+    """The default flasher with flash-rootB's filesystem labelled flash-rootA too (debugfs
+    on the copy at the partition's offset)."""
+    image = tmp / "flasher.img"
+    sh("cp", "--sparse=always", cached_flasher(), image)
+    offset = sfdisk_json(image)["partitions"][2]["start"] * 512
+    sh("debugfs", "-w", "-R", "ssv volume_name flash-rootA", f"{image}?offset={offset}")
+    return image
+
+
 def _resinos_image(tmp: Path) -> Path:
     path = tmp / "resinos.img"
     build_resinos_image(path)
@@ -133,12 +143,14 @@ def _resinos_image(tmp: Path) -> Path:
     (lambda tmp: cached_flasher(FlasherSpec(with_inner_image=False)), (), 4,
      "expected one resinOS image"),
     (_resinos_image, (), 4, "no partition labelled flash-boot"),
+    (_duplicate_label, (), 4, "a filesystem label appears twice"),
     (lambda tmp: cached_flasher(FlasherSpec(with_zstd=False)), ("--compression", "zstd"), 5,
      "no zstd binary"),
     (lambda tmp: cached_flasher(), ("--config", ROOT / "README.md"), 5, "not valid JSON"),
     (lambda tmp: cached_flasher(), ("--compression", "lz4"), 5, "expected one of gzip, zstd"),
 ], ids=["garbage", "corrupt-zip", "truncated-gzip", "truncated-raw", "no-rootA",
-        "no-inner-image", "resinos-not-flasher", "zstd-unavailable", "config-not-json",
+        "no-inner-image", "resinos-not-flasher", "duplicate-label", "zstd-unavailable",
+        "config-not-json",
         "unknown-compression"])
 def test_bad_input_is_refused_and_leaves_nothing(make_input, extra, code, message,
                                                  tmp_path: Path) -> None:
@@ -244,10 +256,32 @@ def test_non_empty_out_is_refused_unless_forced(tmp_path: Path) -> None:
     assert sorted(path.name for path in tmp_path.iterdir()) == ["nuc"]
 
 
+def test_python_m_builder_verbose_shows_every_command(tmp_path: Path) -> None:
+    """`python -m builder` is build-flasher; --verbose logs each command it runs, as the
+    runtime's -v does (runtime/run.py), the stream compressor's included."""
+    result = subprocess.run([sys.executable, "-m", "builder", "--image", str(cached_flasher()),
+                             "--out", str(tmp_path / "nuc"), "--quiet", "--verbose"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    commands = [line[len("run: "):].split()[0] for line in result.stderr.splitlines()
+                if line.startswith("run: ")]
+    assert {"debugfs", "mcopy", "e2fsck"} <= set(commands), commands
+    assert "bundle written to" in result.stdout
+    quiet = subprocess.run([sys.executable, "-m", "builder", "--image", str(cached_flasher()),
+                            "--out", str(tmp_path / "nuc2"), "--quiet"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert quiet.returncode == 0 and "run: " not in quiet.stderr, quiet.stderr
+
+
 def test_help_lists_options_and_exit_codes() -> None:
     result = subprocess.run([sys.executable, "-m", "invoke", "build-flasher", "--help"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0
     for word in ("--image", "--config", "--network", "--compression", "--out", "--force",
-                 "--quiet", "Exit codes"):
+                 "--quiet", "--verbose", "Exit codes"):
         assert word in result.stdout
+    # the exit codes, defined once (builder/errors.py), in python -m builder's help too
+    from builder.errors import EXIT_CODES
+    direct = subprocess.run([sys.executable, "-m", "builder", "--help"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert direct.returncode == 0 and EXIT_CODES.strip() in direct.stdout

@@ -61,7 +61,7 @@ import logging
 import struct
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests import imaging
@@ -284,6 +284,7 @@ def boot(
     memory_mib: int = 1024,
     log_dir: Path | None = None,
     ssh_port: int | None = None,
+    on_line: Callable[[float, str], None] | None = None,
 ) -> BootResult:
     """Boot disk by BIOS in QEMU and read both serial ports until the guest powers off, a
     line contains until, or timeout seconds have passed; see the module docstring.
@@ -295,6 +296,7 @@ def boot(
     directory, removed).
     ssh_port: a network (QEMU's user networking: the guest gets 10.0.2.15 by DHCP and
     reaches this host as 10.0.2.2) with the guest's port 22 on 127.0.0.1:ssh_port.
+    on_line(seconds, line): called with each serial line as it arrives.
 
     Raises BootError when QEMU exits with an error, ValueError for bad arguments."""
     if len(extra_disks) > MAX_EXTRA_DISKS:
@@ -307,4 +309,5 @@ def boot(
             fw_cfg[_FW_SCRIPT] = script
         drives = [Drive(Path(d)) for d in (disk, *extra_disks)]
         return imaging.boot(drives, timeout=timeout, until=until, cut=cut, log_dir=log_dir,
-                            fw_cfg=fw_cfg, memory_mib=memory_mib, ssh_port=ssh_port)
+                            fw_cfg=fw_cfg, memory_mib=memory_mib, ssh_port=ssh_port,
+                            on_line=on_line)
