@@ -63,11 +63,6 @@ def _modules():
     return ssl, urllib.request, urllib.error, http.client
 
 
-def is_url(text):
-    # type: (str) -> bool
-    return text.startswith(("http://", "https://"))
-
-
 def join(base, name):
     # type: (str, str) -> str
     """The URL of a bundle file: base is the bundle's directory URL."""

@@ -82,10 +82,40 @@ class _FileHandler(logging.FileHandler):
         return open(self.baseFilename, self.mode, encoding=ENCODING, errors=OUTPUT_ERRORS)
 
 
+#: extra= of a progress line: on a terminal it replaces the previous progress line
+PROGRESS = {"progress": True}
+
+
+class _Console(logging.StreamHandler):
+    """stderr. On a terminal, a progress line (logged with extra=PROGRESS) is rewritten in
+    place until another line comes, so that a long write shows one line per stream; the
+    log file and a pipe (a service, Ansible) get every line as it was logged."""
+
+    def __init__(self):
+        logging.StreamHandler.__init__(self)
+        self.open_line = False
+
+    def emit(self, record):
+        terminal = getattr(self.stream, "isatty", lambda: False)()
+        try:
+            if getattr(record, "progress", False) and terminal:
+                self.stream.write("\r\x1b[K" + self.format(record))
+                self.stream.flush()
+                self.open_line = True
+                return
+            if self.open_line:
+                self.stream.write("\n")
+                self.open_line = False
+        except Exception:  # noqa: BLE001  (logging's own rule: never raise from emit)
+            self.handleError(record)
+            return
+        logging.StreamHandler.emit(self, record)
+
+
 def setup(verbose=False):
     # type: (bool) -> None
     log.setLevel(logging.DEBUG)
-    console = logging.StreamHandler()
+    console = _Console()
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)

@@ -9,11 +9,17 @@ import os
 from . import blockdev, bootcore, grub, log, system
 from . import disk as disk_module
 from .backup import BACKUP_NAME
+from .device import same_disk, unmount_stale
 from .errors import MigrateError
 from .files import encode, read_text, write_atomic
 from .run import run
-from .stage1 import FSTAB_MARK, SECTOR0_COPY, TABLE_COPY, same_disk, unmount_stale
-from .state import State
+from .state import FSTAB_MARK, SECTOR0_COPY, TABLE_COPY, State, recorded
+
+MYPY = False
+if MYPY:  # typing is not imported at run time (Python 3.4 devices)
+    from typing import Optional  # noqa: F401  # novermin
+
+    from .state import SwapRecord  # noqa: F401
 
 
 class RollbackError(MigrateError):
@@ -28,9 +34,9 @@ def rollback(sysroot="/"):
     state.check_version()
     state.lock()
     log.open_file(system.in_root(sysroot, log.LOG_PATH))
-    log.log.info("rollback: stage 1 steps started: %s", ", ".join(state.get("started")))
-    swap = state.get("swap") or {}
-    disk = same_disk(state, sysroot) if state.get("disk") else None
+    log.log.info("rollback: stage 1 steps started: %s", ", ".join(state.record.started))
+    swap = state.record.swap
+    disk = same_disk(state, sysroot) if state.record.disk else None
     if state.started("grub"):
         grub.disarm(sysroot)
         log.log.info("rollback: GRUB entry %s and its one-shot boot removed", grub.ENTRY_ID)
@@ -47,10 +53,11 @@ def rollback(sysroot="/"):
     if state.started("partition") or state.started("swapoff"):
         _restore_swap(swap)
     if state.started("fstab"):
-        _restore_fstab(system.in_root(sysroot, "etc/fstab"), state.get("fstab_copy"), swap)
-    if swap.get("active") and system.swap_in_use(swap["node"]) is None:
-        run(["swapon", swap["node"]])
-        log.log.info("rollback: swap %s on again", swap["node"])
+        _restore_fstab(system.in_root(sysroot, "etc/fstab"),
+                       recorded(state.record.fstab_copy, "copy of /etc/fstab"), swap)
+    if swap is not None and swap.active and system.swap_in_use(swap.node) is None:
+        run(["swapon", swap.node])
+        log.log.info("rollback: swap %s on again", swap.node)
     backup = state.file(BACKUP_NAME)     # left by a backup step that failed
     if os.path.exists(backup):
         os.unlink(backup)
@@ -60,13 +67,13 @@ def rollback(sysroot="/"):
 
 
 def _restore_fstab(target, copy, swap):
-    # type: (str, str, dict) -> None
+    # type: (str, str, Optional[SwapRecord]) -> None
     """/etc/fstab as stage 1 found it: its copy, if the copy holds the swap line stage 1
     commented out; else (a copy that never reached the disk before a power cut) the
     current file with that one line uncommented."""
     with open(copy, "rb") as handle:
         saved = handle.read()
-    line = swap.get("fstab_text")
+    line = swap.fstab_text if swap is not None else None
     if line and encode(line) not in saved:
         current = read_text(target)
         write_atomic(target, current.replace(FSTAB_MARK + line, line))
@@ -78,19 +85,21 @@ def _restore_fstab(target, copy, swap):
 
 
 def _restore_swap(swap):
-    # type: (dict) -> None
+    # type: (Optional[SwapRecord]) -> None
     """mkswap with the original UUID and label, unless the swap signature is intact."""
-    node = swap["node"]
+    if swap is None:
+        return      # stopped before it recorded the swap: nothing of it was changed
+    node = swap.node
     probe = disk_module.probe(node)
-    if probe.get("TYPE") == "swap" and probe.get("UUID") == swap.get("uuid"):
+    if probe.get("TYPE") == "swap" and probe.get("UUID") == swap.uuid:
         return
     argv = ["mkswap"]
-    if swap.get("label"):
-        argv += ["-L", swap["label"]]
-    if swap.get("uuid"):
-        argv += ["-U", swap["uuid"]]
+    if swap.label:
+        argv += ["-L", swap.label]
+    if swap.uuid:
+        argv += ["-U", swap.uuid]
     run(argv + [node])
-    log.log.info("rollback: swap signature recreated on %s (UUID %s)", node, swap.get("uuid"))
+    log.log.info("rollback: swap signature recreated on %s (UUID %s)", node, swap.uuid)
 
 
 def _restore_boot_code(disk, copy):

@@ -197,15 +197,15 @@ def bundle_source(bundle):
     return LocalBundle(bundle)
 
 
-def recorded_source(state_data, retries=None):
-    # type: (Dict[str, Any], Optional[int]) -> Optional[RemoteBundle]
-    """The URL stage 1 started from, as its state file recorded it, or None."""
-    url = state_data.get("bundle_url")
+def recorded_source(record, retries=None):
+    # type: (Any, Optional[int]) -> Optional[RemoteBundle]
+    """The URL stage 1 started from, as its state file recorded it (a state.Record), or
+    None."""
+    url = record.bundle_url
     if not url:
         return None
-    fetcher = Fetcher(ca_file=state_data.get("ca_file"),
-                      allow_http=bool(state_data.get("allow_http")),
-                      auth_file=state_data.get("auth_file"))
+    fetcher = Fetcher(ca_file=record.ca_file, allow_http=bool(record.allow_http),
+                      auth_file=record.auth_file)
     if retries is not None:
         fetcher.retries = retries
     return RemoteBundle(url, fetcher)

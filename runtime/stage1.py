@@ -9,7 +9,6 @@ import hashlib
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 
@@ -18,6 +17,7 @@ from . import blockdev, bootcore, grub, log, system
 from . import disk as disk_module
 from . import plan as plan_module
 from .bundle import sha256_file
+from .device import Mounted, same_disk, unmount_stale
 from .errors import MigrateError
 from .files import read_text, write_atomic
 from .manifest import MANIFEST_NAME
@@ -27,7 +27,7 @@ from .run import run
 from .source import LocalBundle, recorded_source
 from .stage2env import render, stage2_values
 from .stage2names import ARMED_MBR_NAME, ENV_NAME, GUARD_TIMEOUT, STAGE1_LOG_NAME
-from .state import State
+from .state import ARMED_MBR_COPY, FSTAB_MARK, SECTOR0_COPY, TABLE_COPY, State, SwapRecord, recorded
 from .stream import verify_device, write_stream
 
 MYPY = False
@@ -46,12 +46,6 @@ STEPS = ("plan", "save", "swapoff", "fstab", "partition", "write:flash-boot",
          "complete")
 # what running stage1 again after it completed (without a reboot) does once more
 RETAKE_STEPS = ("backup", "grub", "complete")
-FSTAB_MARK = "# disabled by resin-migrate: "
-SECTOR0_COPY = "sector0.orig"    # in the state directory: sector 0 before stage 1
-# in the state directory: before the new table is written, every sector either table keeps
-# its records in (sector 0, the EBRs), as the disk held them; rollback writes them back
-TABLE_COPY = "table-sectors.orig.json"
-ARMED_MBR_COPY = "sector0.armed"  # the sector 0 stage 2 writes, also on flash-data
 
 
 class Stage1Error(MigrateError):
@@ -92,7 +86,7 @@ def run_stage1(options):
             raise RefusedError("stage 1 is complete but the one-shot GRUB entry was used "
                                "already (the flasher ran and this system came back?): run "
                                "'status' to read why, then 'rollback'")
-        if not state.get("backup_script"):
+        if not state.record.backup_script:
             log.log.info("stage 1 is already complete and the flasher boots next; run "
                          "'rollback' to undo it")
             if options.reboot and options.sysroot == "/":
@@ -101,7 +95,7 @@ def run_stage1(options):
         # the backup is as old as that run: take it again (and arm the entry again), so
         # that what changed since reaches resinOS
         log.log.info("stage 1 is already complete and the flasher boots next; taking the "
-                     "backup again (the last one is %s old)", _age(state.get("backup_taken")))
+                     "backup again (the last one is %s old)", _age(state.record.backup_taken))
         state.undo(RETAKE_STEPS)
     if state.exists and not state.done("save"):
         # Only the backup ran: nothing on the disk changed, so start again from the checks.
@@ -115,7 +109,7 @@ def run_stage1(options):
                           network_ok=options.network_ok)
     if resuming:
         state.lock()
-        log.log.info("resuming stage 1 (done: %s)", ", ".join(state.get("done")) or "nothing")
+        log.log.info("resuming stage 1 (done: %s)", ", ".join(state.record.done) or "nothing")
         manifest = _check_resumable(preflight, state)
         if not options.yes and not (options.confirm and options.confirm(None)):
             raise RefusedError("not confirmed (use --yes to resume without the question)")
@@ -142,11 +136,11 @@ def run_stage1(options):
     else:
         log.log.info("stage 1 complete: reboot to start the flasher (it boots once; if it "
                      "fails, the next boot is this system again)")
-        if state.get("backup_script"):
+        if state.record.backup_script:
             log.log.info("the backup was taken at %s: what changes on this device after it "
                          "does not reach resinOS. Run stage1 again right before rebooting to "
                          "take it again (or use --reboot)", time.strftime(
-                             "%Y-%m-%d %H:%M:%S", time.localtime(state.get("backup_taken"))))
+                             "%Y-%m-%d %H:%M:%S", time.localtime(state.record.backup_taken)))
     return 0
 
 
@@ -154,7 +148,7 @@ def _resume_source(options, state):
     # type: (Options, State) -> None
     """Resume from the URL stage 1 started with when no other bundle is given: no
     --bundle-url, and no manifest.json in the bundle directory."""
-    recorded = recorded_source(state.data)
+    recorded = recorded_source(state.record)
     if recorded is None or options.source.remote or os.path.exists(
             os.path.join(options.bundle, MANIFEST_NAME)):
         return
@@ -174,29 +168,10 @@ def _check_resumable(preflight, state):
     if not preflight.passed:
         raise RefusedError("cannot resume stage 1: the checks above failed")
     manifest = _required(preflight.target.manifest, "manifest")
-    if manifest.inner_image.raw_sha256 != state.get("image_sha256"):
+    if manifest.inner_image.raw_sha256 != state.record.image_sha256:
         raise RefusedError("the bundle is not the one stage 1 started with; run 'rollback' "
                            "first, or use the bundle recorded in {}".format(state.path))
     return manifest
-
-
-def same_disk(state, sysroot):
-    # type: (State, str) -> str
-    """The recorded disk, after proving it is still the disk holding the root filesystem
-    (device names can move between boots: a USB stick may now be /dev/sda)."""
-    disk = state.get("disk")
-    mount = system.mount_of(sysroot)
-    device = system.device_by_number(mount.major, mount.minor)
-    holding = device.disk.path if device is not None else None
-    if holding != disk:
-        raise RefusedError("stage 1 recorded the disk {}, but the root filesystem is now on "
-                           "{}; refusing to touch either".format(disk, holding))
-    recorded = state.get("identity")
-    if recorded and disk_module.identity(disk) != recorded:
-        raise RefusedError("{} is not the disk stage 1 recorded (size or disk identifier "
-                           "differ: {} now, {} recorded)".format(
-                               disk, disk_module.identity(disk), recorded))
-    return disk
 
 
 def _required(value, what):
@@ -287,7 +262,7 @@ class Runner(object):
         except PlanError as exc:
             self.state.retire("refused")
             raise RefusedError("{} The partitions were not changed.".format(exc)) from exc
-        self.state.data.update(self.backup_settings())
+        self.state.set(**self.backup_settings())
         self.state.set(backup_size=0, backup_sha256=None,
                        placement=placement.to_dict(), core_start=placement.core_start)
 
@@ -306,9 +281,9 @@ class Runner(object):
                  "backup_volumes": list(self.options.backup_volumes),
                  "backup_timeout": self.options.backup_timeout,
                  "before_backup": self.options.before_backup}
-        if self.options.backup_script or not self.state.get("backup_script"):
+        if self.options.backup_script or not self.state.record.backup_script:
             return given
-        return dict((name, self.state.get(name, value)) for name, value in given.items())
+        return dict((name, getattr(self.state.record, name)) for name in given)
 
     def _too_large(self, size):
         # type: (int) -> str
@@ -336,46 +311,45 @@ class Runner(object):
             write_atomic(sector0, blockdev.read_sectors(disk, 0, 1))
         self.state.set(
             disk=disk, disk_sectors=table.disk_size, identity=disk_module.identity(disk),
-            swap={"node": system.partition_path(disk, swap.number), "number": swap.number,
-                  "uuid": target.swap_probe.get("UUID"),
-                  "label": target.swap_probe.get("LABEL"),
-                  "active": target.swap_active,
-                  "fstab_line": target.fstab_swap.line if target.fstab_swap else None,
-                  "fstab_text": target.fstab_swap.text if target.fstab_swap else None},
+            swap=SwapRecord(system.partition_path(disk, swap.number), swap.number,
+                            uuid=target.swap_probe.get("UUID"),
+                            label=target.swap_probe.get("LABEL"),
+                            active=bool(target.swap_active),
+                            fstab_line=target.fstab_swap.line if target.fstab_swap else None,
+                            fstab_text=target.fstab_swap.text if target.fstab_swap else None),
             fstab_copy=fstab_copy, image_sha256=self.manifest.inner_image.raw_sha256,
             **self.options.source.to_state())
 
     def step_swapoff(self):
-        swap = self.state.get("swap")
-        if system.swap_in_use(swap["node"]) is not None:
-            run(["swapoff", swap["node"]])
-        log.log.info("swap %s is off", swap["node"])
+        swap = recorded(self.state.record.swap, "swap partition")
+        if system.swap_in_use(swap.node) is not None:
+            run(["swapoff", swap.node])
+        log.log.info("swap %s is off", swap.node)
 
     def step_fstab(self):
-        swap = self.state.get("swap")
-        line = swap["fstab_line"]
+        swap = recorded(self.state.record.swap, "swap partition")
+        line = swap.fstab_line
         if line is None:
             log.log.info("/etc/fstab does not name the swap partition; left as it is")
             return
+        text = recorded(swap.fstab_text, "swap's fstab line")
         path = system.in_root(self.sysroot, "etc/fstab")
         lines = read_text(path).splitlines(True)
-        if line >= len(lines) or lines[line].rstrip("\n") not in (
-                swap["fstab_text"], FSTAB_MARK + swap["fstab_text"]):
+        if line >= len(lines) or lines[line].rstrip("\n") not in (text, FSTAB_MARK + text):
             raise Stage1Error("/etc/fstab changed since stage 1 read it: line {} is no longer "
-                              "{!r}; check it, then run rollback".format(line + 1,
-                                                                         swap["fstab_text"]))
+                              "{!r}; check it, then run rollback".format(line + 1, text))
         if not lines[line].startswith(FSTAB_MARK):
             lines[line] = FSTAB_MARK + lines[line]
             write_atomic(path, "".join(lines))
         log.log.info("/etc/fstab: swap line %d commented out (copy in %s)", line + 1,
-                     self.state.get("fstab_copy"))
+                     self.state.record.fstab_copy)
 
     def step_partition(self):
         disk = same_disk(self.state, self.sysroot)
-        swap = self.state.get("swap")
-        if system.swap_in_use(swap["node"]) is not None or system.holders(swap["node"]):
+        swap = recorded(self.state.record.swap, "swap partition")
+        if system.swap_in_use(swap.node) is not None or system.holders(swap.node):
             raise Stage1Error("{} is in use as swap again (a reboot re-enabled it?); run "
-                              "stage1 again to switch it off, or rollback".format(swap["node"]))
+                              "stage1 again to switch it off, or rollback".format(swap.node))
         placement = self.placement()
         current = disk_module.read_table(disk)
         if current.entries() == placement.new.entries():
@@ -398,7 +372,7 @@ class Runner(object):
     def step_write(self, label):
         flash = self.flash(label)
         stream = self.manifest.stream(describe(flash, self.manifest)["stream"])
-        device = system.partition_path(self.state.get("disk"), flash.number)
+        device = system.partition_path(self.disk, flash.number)
         bundle = self.options.source
         source = bundle.stream_location(stream.file)
         # from a URL: downloaded as it is written, nothing stored on the device's disk
@@ -432,13 +406,13 @@ class Runner(object):
         sector 0 that boots it (stage 2 writes that one), both made by the device's GRUB;
         the device's GRUB must read the flasher's kernel where the core.img looks for it."""
         boot = self.manifest.boot
-        disk = self.state.get("disk")
+        disk = self.disk
         number = self.flash(boot.kernel_label).number
         device = system.partition_path(disk, number)
         fs_uuid = disk_module.probe(device).get("UUID")
         if not fs_uuid:
             raise Stage1Error("{} ({}) has no filesystem UUID".format(device, boot.kernel_label))
-        start = self.state.get("core_start")
+        start = recorded(self.state.record.core_start, "core.img's sector")
         with grub.Chroot(self.sysroot) as chroot:
             grub.check_kernel_readable(chroot, self.sysroot, disk, number, boot)
             core = bootcore.place_core(bootcore.make_core(chroot, self.sysroot, boot, fs_uuid),
@@ -459,12 +433,14 @@ class Runner(object):
 
     def step_flash_data(self):
         flash = self.flash("flash-data")
-        device = system.partition_path(self.state.get("disk"), flash.number)
-        unmount_stale(self.state.get("disk"))
+        device = system.partition_path(self.disk, flash.number)
+        unmount_stale(self.disk)
         run(["mkfs.ext4", "-F", "-q", "-L", "flash-data", device])
-        values = stage2_values(self.manifest, self.placement(), self.state.get("disk_sectors"),
-                               self.state.get("backup_size"), self.state.get("backup_sha256"),
-                               self.state.data, self.options.guard_timeout)
+        record = self.state.record
+        values = stage2_values(self.manifest, self.placement(),
+                               recorded(record.disk_sectors, "disk size"), record.backup_size,
+                               record.backup_sha256, record.core_facts(),
+                               self.options.guard_timeout)
         with Mounted(device) as mountpoint:
             # the bytes the checks validated (from a URL: as fetched then)
             with open(os.path.join(mountpoint, MANIFEST_NAME), "wb") as handle:
@@ -482,7 +458,7 @@ class Runner(object):
         plan = self.preflight.target.network
         if plan is None:  # resumed: the checks did not run in this process
             plan = carry.device_plan(self.sysroot, carry.fleet_keyfiles(self.manifest))
-        device = system.partition_path(self.state.get("disk"), self.flash("flash-data").number)
+        device = system.partition_path(self.disk, self.flash("flash-data").number)
         with Mounted(device) as mountpoint:
             directory = os.path.join(mountpoint, carry.KEYFILE_DIR)
             keyfile.write_all(plan.texts(), directory)
@@ -500,7 +476,7 @@ class Runner(object):
         if not settings["backup_script"]:
             log.log.info("backup: no --backup-script; resinOS starts without a backup")
             return
-        self.state.data.update(settings)    # a repeated stage1 may name another script
+        self.state.record.update(**settings)    # a repeated stage1 may name another script
         if settings["before_backup"]:
             _before_backup(settings["before_backup"], settings["backup_timeout"])
         archive = self._capture()
@@ -510,7 +486,7 @@ class Runner(object):
             os.unlink(archive)
             raise Stage1Error(problem + " Make the backup smaller and run stage1 again (it "
                               "takes the backup again), or rollback.")
-        device = system.partition_path(self.state.get("disk"), self.flash("flash-data").number)
+        device = system.partition_path(self.disk, self.flash("flash-data").number)
         with Mounted(device) as mountpoint:
             copy = os.path.join(mountpoint, backup_module.BACKUP_NAME)
             free = _free_bytes(mountpoint) + (os.path.getsize(copy)
@@ -524,8 +500,10 @@ class Runner(object):
             os.chmod(copy, backup_module.ARCHIVE_MODE)
             if sha256_file(copy)[1] != sha256:
                 raise Stage1Error("{} on flash-data reads back different".format(copy))
-            values = stage2_values(self.manifest, self.placement(), self.state.get("disk_sectors"),
-                                   size, sha256, self.state.data, self.options.guard_timeout)
+            values = stage2_values(self.manifest, self.placement(),
+                                   recorded(self.state.record.disk_sectors, "disk size"),
+                                   size, sha256, self.state.record.core_facts(),
+                                   self.options.guard_timeout)
             write_atomic(os.path.join(mountpoint, ENV_NAME), render(values))
             self.copy_log(mountpoint)
         os.unlink(archive)      # stage 2 reads the copy on flash-data
@@ -534,7 +512,7 @@ class Runner(object):
 
     def step_grub(self):
         boot = self.manifest.boot
-        device = system.partition_path(self.state.get("disk"), self.flash(boot.kernel_label).number)
+        device = system.partition_path(self.disk, self.flash(boot.kernel_label).number)
         fs_uuid = disk_module.probe(device).get("UUID")
         if not fs_uuid:
             raise Stage1Error("{} ({}) has no filesystem UUID".format(device, boot.kernel_label))
@@ -545,7 +523,7 @@ class Runner(object):
 
     def step_complete(self):
         flash = self.flash("flash-data")
-        device = system.partition_path(self.state.get("disk"), flash.number)
+        device = system.partition_path(self.disk, flash.number)
         with Mounted(device) as mountpoint:
             log.log.info("stage 1 finished (peak memory of this process: %s); log copied to "
                          "flash-data", _peak_memory())
@@ -553,9 +531,15 @@ class Runner(object):
 
     # --- helpers ----------------------------------------------------------------------
 
+    @property
+    def disk(self):
+        # type: () -> str
+        """The disk step save recorded."""
+        return recorded(self.state.record.disk, "disk")
+
     def placement(self):
         # type: () -> Placement
-        return Placement.from_dict(self.state.get("placement"))
+        return Placement.from_dict(recorded(self.state.record.placement, "placement"))
 
     def flash(self, label):
         # type: (str) -> Partition
@@ -617,47 +601,6 @@ def _peak_memory():
     return "unknown"
 
 
-MOUNT_DIR = "/run" if os.path.isdir("/run") else "/tmp"
-MOUNT_PREFIX = "resin-migrate-"
-
-
-def unmount_stale(disk):
-    # type: (str) -> None
-    """Unmount what a killed stage 1 left mounted from disk in MOUNT_DIR."""
-    for mount in reversed(system.mounts()):
-        device = system.device_by_number(mount.major, mount.minor)
-        if device is None or not device.is_partition or device.disk.path != disk:
-            continue
-        if os.path.dirname(mount.target) == MOUNT_DIR and \
-                os.path.basename(mount.target).startswith(MOUNT_PREFIX):
-            run(["umount", mount.target])
-            os.rmdir(mount.target)
-
-
-class Mounted(object):
-    """Mount a filesystem on a temporary directory for the duration of a with block."""
-
-    def __init__(self, device, options="rw"):
-        # type: (str, str) -> None
-        self.device = device
-        self.options = options
-        self.path = ""
-
-    def __enter__(self):
-        self.path = tempfile.mkdtemp(prefix=MOUNT_PREFIX, dir=MOUNT_DIR)
-        try:
-            run(["mount", "-o", self.options, self.device, self.path])
-        except MigrateError:
-            os.rmdir(self.path)
-            raise
-        return self.path
-
-    def __exit__(self, *exc):
-        run(["sync"])
-        run(["umount", self.path])
-        os.rmdir(self.path)
-
-
 class _Progress(object):
     """Logs a long step's progress at a steady cadence (every 5 s) with rate and ETA; with
     a state, also records it there (`status --json` shows it); with a download's reader,
@@ -699,7 +642,7 @@ class _Progress(object):
             ", {} resumes".format(reader.resumes) if reader.resumes else "")
         log.log.info("%s: %d%% (%d of %d MiB, %.1f MiB/s, %d s left%s)", self.what,
                      100 * done // max(total, 1), done >> 20, total >> 20, rate / (1 << 20),
-                     eta, fetched)
+                     eta, fetched, extra=log.PROGRESS)
         self.record(done, total, rate, eta, now)
 
     def record(self, done, total, rate=0.0, eta=0.0, now=None):

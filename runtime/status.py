@@ -29,8 +29,8 @@ def stage1_record(sysroot="/"):
     # type: (str) -> dict
     """What stage 1 has done on this device, from its state file."""
     state = State(sysroot)
-    done = list(state.get("done")) if state.exists else []
-    taken = state.get("backup_taken") if state.exists else None
+    done = list(state.record.done) if state.exists else []
+    taken = state.record.backup_taken if state.exists else None
     return {"steps_done": done, "complete": "complete" in done, "backup_taken": taken,
             "running": state.exists and _locked(state),
             "log": system.in_root(sysroot, log.LOG_PATH)}
@@ -62,10 +62,10 @@ def status(sysroot="/", lines=15):
     if age is not None and found["complete"]:
         summary += "; the backup is {} min old (run stage1 again to take it again)".format(
             age // 60)
-    found.update({"state": state.data if state.exists else None,
+    found.update({"state": state.record.to_dict() if state.exists else None,
                   "log_tail": tail, "stage2_log_tail": [], "stage2_journal": [],
                   # a stream being written (from --bundle-url: downloaded) right now, or None
-                  "progress": state.get("progress") if state.exists else None,
+                  "progress": state.record.progress if state.exists else None,
                   # when the backup stage 2 will restore was taken: what changed since is
                   # not in it
                   "backup_age_seconds": age})
@@ -126,10 +126,12 @@ def _flash_data_device(state):
     stage 1 recorded them."""
     mount = system.mount_of(state.sysroot)
     holder = system.device_by_number(mount.major, mount.minor)
-    disk = holder.disk.path if holder is not None else state.get("disk")
+    disk = holder.disk.path if holder is not None else state.record.disk
+    if not disk or state.record.placement is None:
+        return ""       # stage 1 stopped before it recorded them
     from .plan import Placement, PlanError
     try:
-        number = Placement.from_dict(state.get("placement")).partition("flash-data").number
+        number = Placement.from_dict(state.record.placement).partition("flash-data").number
     except PlanError:
         return ""       # stage 1 stopped before it placed the partitions
     return system.partition_path(disk, number)
@@ -163,8 +165,8 @@ def _stage2_files(device, lines):
     # type: (str, int) -> tuple
     """The last lines stage 2 wrote on flash-data (device), and its journal: after a
     fallback boot, why it refused; from resinOS or a rescue shell, where it stands."""
+    from .device import Mounted
     from .errors import MigrateError
-    from .stage1 import Mounted
     if not device or not os.path.exists(device):
         return [], []
     try:

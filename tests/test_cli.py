@@ -57,3 +57,42 @@ def test_verify_with_the_url_after_the_command(synthetic_bundle: Path) -> None:
         result = _runtime("verify", "--bundle-url", server.url, "--allow-http")
     assert result.returncode == 0, result.stderr
     assert "ok  flash-rootA.gz" in result.stdout and "ok  flash-boot.gz" in result.stdout
+
+
+def _logged(stream) -> None:
+    """Two progress lines of a stream's write and the step's end, as stage 1 logs them."""
+    import logging
+
+    from runtime import log
+
+    handler = log._Console()
+    handler.stream = stream
+    logger = logging.getLogger("resin-migrate-test-console")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        logger.info("writing flash-rootA: %d%%", 40, extra=log.PROGRESS)
+        logger.info("writing flash-rootA: %d%%", 100, extra=log.PROGRESS)
+        logger.info("step write:flash-rootA done")
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_progress_rewrites_its_line_on_a_terminal_and_not_in_a_pipe() -> None:
+    import io
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        _logged(terminal)
+    shown = os.read(master, 4096).decode()
+    os.close(master)
+    # the terminal's line discipline turns each newline into CR LF
+    assert shown == ("\r\x1b[Kwriting flash-rootA: 40%\r\x1b[Kwriting flash-rootA: 100%"
+                     "\r\nstep write:flash-rootA done\r\n"), repr(shown)
+    piped = io.StringIO()
+    _logged(piped)
+    assert piped.getvalue() == ("writing flash-rootA: 40%\nwriting flash-rootA: 100%\n"
+                                "step write:flash-rootA done\n")
