@@ -69,16 +69,15 @@ def cmd_check(args):
 
 
 def cmd_plan(args):
-    from .render import plan_fields, plan_lines
+    from .render import plan_fields, plan_lines, plan_refusal_fields
     preflight = _preflight(args)
     if not preflight.passed:
         for check in preflight.failures():
             sys.stderr.write("FAIL  {}: {}\n".format(check.name, check.found))
         sys.stderr.write("no plan: the checks above failed ('check' shows all of them)\n")
         if args.json:
-            from .jsonout import check_list, emit
-            emit("plan", {"ok": False, "exit_code": 10,
-                          "failed": check_list(preflight.failures())})
+            from .jsonout import emit
+            emit("plan", plan_refusal_fields(preflight))
         return 10
     if args.json:
         from .jsonout import emit
@@ -133,6 +132,7 @@ def cmd_stage1(args):
     if not args.json:
         return run_stage1(options)
     from .jsonout import check_list, emit
+    from .state import State
     from .status import stage1_record
     message, failed = None, []
     try:
@@ -141,7 +141,7 @@ def cmd_stage1(args):
         log.log.error("resin-migrate: %s", exc)
         code, message = exc.exit_code, str(exc)
         failed = check_list(getattr(exc, "checks", []))
-    emit("stage1", dict(stage1_record(args.sysroot), ok=code == 0, exit_code=code,
+    emit("stage1", dict(stage1_record(State(args.sysroot)), ok=code == 0, exit_code=code,
                         error=message, failed=failed))
     return code
 

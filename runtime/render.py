@@ -36,6 +36,12 @@ def check_fields(preflight, code):
             "failed": check_list(preflight.failures())}
 
 
+def plan_refusal_fields(preflight):
+    # type: (Any) -> dict
+    """plan --json's fields when the checks failed: why there is no plan."""
+    return {"ok": False, "exit_code": 10, "failed": check_list(preflight.failures())}
+
+
 def plan_fields(preflight):
     # type: (Any) -> dict
     """plan --json's fields (docs/json.md)."""

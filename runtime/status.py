@@ -25,21 +25,20 @@ STAGE2_WRITING = "stage2-writing"               # past its point of no return
 STAGE2_FILES = "stage2-files"                   # no state here; stage 2's files on flash-data
 
 
-def stage1_record(sysroot="/"):
-    # type: (str) -> dict
-    """What stage 1 has done on this device, from its state file."""
-    state = State(sysroot)
+def stage1_record(state):
+    # type: (State) -> dict
+    """What stage 1 has done on this device, from its state file (read once, by State)."""
     done = list(state.record.done) if state.exists else []
     taken = state.record.backup_taken if state.exists else None
     return {"steps_done": done, "complete": "complete" in done, "backup_taken": taken,
             "running": state.exists and _locked(state),
-            "log": system.in_root(sysroot, log.LOG_PATH)}
+            "log": system.in_root(state.sysroot, log.LOG_PATH)}
 
 
 def status(sysroot="/", lines=15):
     # type: (str, int) -> dict
     state = State(sysroot)
-    found = stage1_record(sysroot)  # type: dict
+    found = stage1_record(state)  # type: dict
     tail = []
     if os.path.exists(found["log"]):
         tail = system.read_text(found["log"], "").splitlines()[-lines:]
