@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -11,13 +10,6 @@ from pathlib import Path
 from invoke import Exit, task
 
 ROOT = Path(__file__).resolve().parent
-
-
-def _say(prefix: str):
-    """A progress callback printing "PREFIX: text" at once."""
-    def say(text: str) -> None:
-        print(f"{prefix}: {text}", flush=True)
-    return say
 
 
 def _build(image: Path, out: Path, *options: str) -> None:
@@ -110,6 +102,7 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
         return
     from tests.e2e import E2EError, migrate
     from tests.rig.legacy import LegacySpec
+    from tests.scenarios import say_as
 
     print("demo: migrating a legacy Debian VM end to end with a bundle of the bootable "
           "SYNTHETIC flasher (QEMU in software emulation; the first run builds a Debian root "
@@ -117,7 +110,7 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
     work = Path(tempfile.mkdtemp(prefix="resin-migrate-demo-"))
     started = time.monotonic()
     try:
-        result = migrate(LegacySpec(), work, progress=_say("demo"))
+        result = migrate(LegacySpec(), work, progress=say_as("demo"))
     except E2EError as exc:
         raise Exit(f"demo: {exc}", code=1) from exc
     finally:
@@ -145,160 +138,20 @@ def demo(c, out="dist/demo", quiet=False, bundle_only=False):
 def e2e(c, scenario="all", keep=False, rows="", instants=""):
     """Migrate legacy Debian VMs end to end under QEMU (root; several minutes each).
 
-    Prints each phase's duration and the downtime (from the reboot at the end of stage 1 to
-    the resinOS report). Exits non-zero naming the phase that failed, with the serial tails.
+    Prints each step and boot phase as it starts and ends, each phase's duration and the
+    downtime (from the reboot at the end of stage 1 to the resinOS report). Exits 1 naming
+    the phase that failed, with the serial tails; 2 for a name that does not exist. The
+    scenarios are in tests/scenarios.py.
     """
-    import tempfile
-
     sys.path.insert(0, str(ROOT))
-    from tests.e2e import (
-        OLDTOOLS_SPEC,
-        E2EError,
-        StaticNetwork,
-        fallback,
-        migrate,
-        table_text,
-    )
-    from tests.rig.bootimages import OLDER_RELEASE
-    from tests.rig.legacy import LegacySpec, SwapPlacement
+    from tests import scenarios
 
-    scenarios = ["primary", "logical", "fallback", "static", "older", "oldtools", "fleet"]
-    if scenario not in (*scenarios, "all", "matrix", "powercut"):
-        raise Exit(f"e2e: unknown scenario {scenario!r}; choose one of {', '.join(scenarios)}, "
-                   "all, matrix or powercut", code=2)
-    if scenario == "matrix":
-        _e2e_matrix(keep, [row.strip() for row in rows.split(",") if row.strip()])
-        return
-    if scenario == "powercut":
-        _e2e_powercut(keep, [name.strip() for name in instants.split(";") if name.strip()])
-        return
-    chosen = scenarios if scenario == "all" else [scenario]
-    failed = False
-    for name in chosen:
-        work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
-        started = time.monotonic()
-        try:
-            if name == "fleet":
-                from tests.fleet import run_fleet
-                fleet = run_fleet(work, progress=_say(name))
-                print(f"{name}: the playbook ran in {time.monotonic() - started:.0f} s "
-                      f"(including the bundle build):\n{fleet.summary()}\n  report: "
-                      f"{json.dumps(fleet.report['summary'], sort_keys=True)}")
-            elif name == "fallback":
-                result = fallback(LegacySpec(), work)
-                print(f"{name}: stage 2 refused, the legacy system came back, rollback "
-                      f"restored the swap ({result.swaps_after}) in "
-                      f"{time.monotonic() - started:.0f} s")
-            elif name == "older":
-                migrated = migrate(LegacySpec(), work, release=OLDER_RELEASE,
-                                   progress=_say(name))
-                print(f"{name}: migrated with the {OLDER_RELEASE.name} flasher in "
-                      f"{time.monotonic() - started:.0f} s\n{migrated.summary()}")
-            elif name == "oldtools":
-                migrated = migrate(OLDTOOLS_SPEC, work, old_tools=True, progress=_say(name))
-                said = [line for _, line in migrated.boot.serial1
-                        if line.startswith(("E2E tool ", "E2E locale", "E2E python3"))]
-                print(f"{name}: migrated in {time.monotonic() - started:.0f} s; "
-                      f"{'; '.join(said)}\n  legacy table: "
-                      f"{table_text(migrated.tables['legacy'])}\n  final table: "
-                      f"{table_text(migrated.tables['final'])}\n{migrated.summary()}")
-            elif name == "static":
-                migrated = migrate(LegacySpec(), work, network=StaticNetwork(),
-                                   progress=_say(name))
-                print(f"{name}: migrated in {time.monotonic() - started:.0f} s; resin-boot "
-                      f"holds {', '.join(sorted(migrated.keyfiles))}\n{migrated.summary()}")
-            else:
-                placement = SwapPlacement.PRIMARY if name == "primary" else SwapPlacement.LOGICAL
-                migrated = migrate(LegacySpec(placement=placement), work,
-                                   progress=_say(name))
-                print(f"{name}: migrated in {time.monotonic() - started:.0f} s "
-                      f"(including the bundle build)\n{migrated.summary()}")
-        except E2EError as exc:
-            failed = True
-            print(f"{name}: FAILED\n{exc}", file=sys.stderr)
-        finally:
-            if keep:
-                print(f"{name}: work directory kept: {work}")
-            else:
-                import shutil
-                shutil.rmtree(work, ignore_errors=True)
-    if failed:
-        raise Exit("e2e: at least one scenario failed", code=1)
-
-
-def _e2e_matrix(keep: bool, names: list[str]) -> None:
-    """Release rows (default: every one) migrated once each (primary swap), then a table of
-    the phase times."""
-    import shutil
-    import tempfile
-
-    from tests.e2e import E2EError, legacy_for, migrate
-    from tests.releases import RELEASES
-
-    unknown = sorted(set(names) - set(RELEASES))
-    if unknown:
-        raise Exit(f"e2e: no release row {', '.join(unknown)}; rows: {', '.join(RELEASES)}",
-                   code=2)
-    rows: dict[str, dict[str, float] | str] = {}
-    for name, release in RELEASES.items():
-        if names and name not in names:
-            continue
-        work = Path(tempfile.mkdtemp(prefix=f"resin-migrate-e2e-{name}-"))
-        print(f"matrix {name}: migrating with the {name} flasher ...", flush=True)
-        started = time.monotonic()
-        try:
-            result = migrate(legacy_for(release), work, release=release)
-            total = time.monotonic() - started
-            rows[name] = {**result.durations(), "total": total}
-            print(f"matrix {name}: migrated in {total:.0f} s\n{result.summary()}", flush=True)
-        except E2EError as exc:
-            rows[name] = f"FAILED in phase {exc.phase}"
-            print(f"matrix {name}: FAILED\n{exc}", file=sys.stderr, flush=True)
-        except Exception as exc:  # noqa: BLE001 - a row's error must not hide the others
-            rows[name] = f"FAILED: {type(exc).__name__}"
-            print(f"matrix {name}: FAILED before the VM ran: {exc}", file=sys.stderr,
-                  flush=True)
-        finally:
-            if keep:
-                print(f"matrix {name}: work directory kept: {work}")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
-    columns = ("stage 1", "flasher boot", "stage 2 (checks and write)", "first resinOS boot",
-               "downtime", "total")
-    print("\n| row | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
-    for name, row in rows.items():
-        cells = ([f"{row.get(column, 0):.0f} s" for column in columns]
-                 if isinstance(row, dict) else [row] + [""] * (len(columns) - 1))
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    if any(isinstance(row, str) for row in rows.values()):
-        raise Exit("e2e: at least one release row failed", code=1)
-
-
-def _e2e_powercut(keep: bool, names: list[str]) -> None:
-    """Power cuts and hangs at the named instants (default: all), then the table."""
-    import tempfile
-
-    from tests.powercut import run_matrix, table
-
-    if names == ["list"]:
-        from tests.powercut import instants
-        print("\n".join(instants(None)))
-        return
-    work = Path(tempfile.mkdtemp(prefix="resin-migrate-powercut-"))
-    started = time.monotonic()
     try:
-        rows = run_matrix(names, work, keep=keep)
-    except KeyError as exc:
-        raise Exit(f"e2e: {exc.args[0]}", code=2) from None
-    finally:
-        if keep:
-            print(f"powercut: work directory kept: {work}")
-        else:
-            import shutil
-            shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{table(rows)}\n\n{len(rows)} instants in {time.monotonic() - started:.0f} s")
-    if any(isinstance(row, str) for row in rows):
-        raise Exit("e2e: at least one instant did not end in resinOS or the old system", code=1)
+        ok = scenarios.main(scenario, keep=keep, rows=rows, instants=instants)
+    except scenarios.UsageError as exc:
+        raise Exit(f"e2e: {exc}", code=2) from None
+    if not ok:
+        raise Exit(f"e2e: {scenario}: something failed (above)", code=1)
 
 
 @task(help={"repeat": "rounds of each timed figure (default 3; the median is reported)",

@@ -38,7 +38,6 @@ ENTRY = struct.Struct("<B3sB3sII")
 BOOTABLE = 0x80
 EXTENDED_TYPES = (0x05, 0x0F, 0x85)   # CHS, LBA and Linux extended: the kernel follows all
 GPT_PROTECTIVE = 0xEE
-SWAP_TYPE = 0x82
 LINUX_TYPE = 0x83
 FAT16_LBA_TYPE = 0x0E
 FIRST_LOGICAL = 5

@@ -44,6 +44,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,7 @@ from tests.rig.legacy import (
     partitions,
     restored_files,
 )
-from tests.tools import blkid, sfdisk_json, sh
+from tests.tools import blkid, sfdisk_partitions, sh
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -355,21 +356,53 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
     return disk
 
 
+def ended(result: BootResult) -> str:
+    """How the boot ended, in words, for a progress line."""
+    return {"poweroff": "the guest powered off", "timeout": "timed out",
+            "marker": "the awaited line arrived", "cut": "the power was cut"
+            }.get(result.reason, result.reason)
+
+
+class Steps:
+    """Says each step as it starts and, when the next one starts or end() is called, how long
+    the one before took: a live account of a run that takes minutes (invoke demo, e2e)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.name = ""
+        self.started = 0.0
+
+    def start(self, name: str, detail: str = "") -> None:
+        self.end()
+        self.name, self.started = name, time.monotonic()
+        self.say(f"{name}{f' ({detail})' if detail else ''} ...")
+
+    def end(self) -> None:
+        if self.name:
+            self.say(f"{self.name}: done in {time.monotonic() - self.started:.0f} s")
+            self.name = ""
+
+
 class PhasePrinter:
-    """Says each MILESTONES phase as its marker arrives on a serial port, with the seconds
-    since QEMU started: a live account of a run that takes minutes (invoke demo, e2e)."""
+    """Says each MILESTONES marker as it arrives on a serial port: the seconds since QEMU
+    started, the time since the marker before it (the phase that has ended) and the phase
+    that begins."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
         self.say = say
         self.next = 0
+        self.seen = 0.0
 
     def __call__(self, seconds: float, line: str) -> None:
         while self.next < len(MILESTONES) and MILESTONES[self.next][1] in line:
             name = MILESTONES[self.next][0]
+            since = (f", {seconds - self.seen:.0f} s after {MILESTONES[self.next - 1][0]}"
+                     if self.next else "")
             self.next += 1
+            self.seen = seconds
             after = (f"; next: {MILESTONES[self.next][0]}" if self.next < len(MILESTONES)
                      else "")
-            self.say(f"{seconds:4.0f} s  {name}{after}")
+            self.say(f"{seconds:4.0f} s  {name}{since}{after}")
 
 
 def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
@@ -383,22 +416,26 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
     StaticNetwork) and its keyfiles must be on the migrated resin-boot, its WiFi key in no
     log (check_network). With old_tools, the guest has no OLD_TOOLS and runs the runtime
     under LANG=C (OLD_TOOLS_PREAMBLE), and its log must say so (check_old_tools).
-    progress(text): told of each step as it starts, and of each phase of the boot."""
+    progress(text): told of each step as it starts and ends, and of each phase of the
+    boot."""
     say = progress or (lambda text: None)
-    say(f"building the bundle of the {release.name} flasher")
+    steps = Steps(say)
+    steps.start("building the bundle", f"the {release.name} flasher")
     bundle = build_bundle(workdir, release)
-    say("copying the bootable legacy disk, the bundle and the backup script onto it")
+    steps.start("preparing the disk", "the bootable legacy disk, with the bundle and the "
+                "backup script")
     disk = prepare_disk(spec, bundle, workdir, network.files if network else None)
     legacy_table = check_legacy_table(spec, disk)
     # where flash-data will be: the old swap area (from the start without a swap partition)
     swap_start = _partition_extents(disk).get(spec.swap_number or 0, (0, 0))[0]
-    say(f"booting the legacy VM (QEMU, software emulation; serial logs in {workdir}); "
-        f"next: {MILESTONES[0][0]}")
+    steps.start("the migration in the VM", f"QEMU, software emulation; serial logs in "
+                f"{workdir}; next: {MILESTONES[0][0]}")
     result = boot(disk, autorun=migrate_script(plan_json=network is not None,
                                                old_tools=old_tools),
                   timeout=timeout, until="RESINOS-REPORT end", log_dir=workdir,
                   on_line=PhasePrinter(say) if progress else None)
-    say(f"the VM ended ({result.reason}) after {result.seconds:.0f} s; checking the disk")
+    say(f"the VM stopped after {result.seconds:.0f} s: {ended(result)}")
+    steps.start("checking the disk")
     times = milestone_times(result)
     if old_tools and "stage 1" in times:
         check_old_tools(result)
@@ -417,17 +454,14 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
     final_table = check_tables(disk, release, result)
     check_secrets_wiped(disk, legacy_table[spec.swap_number or 0], release, network, result)
     keyfiles = check_network(network, disk, swap_start, result) if network else {}
+    steps.end()
     return E2EResult(boot=result, report=report, times=times, keyfiles=keyfiles,
                      tables={"legacy": legacy_table, "final": final_table})
 
 
 def _table(disk: Path) -> Table:
     """The disk's partition table as sfdisk reads it on the host, in sectors."""
-    table = sfdisk_json(disk)
-    return {int(str(part["node"])[len(str(disk)):].lstrip("p")):
-            (int(part["start"]), int(part["size"]), str(part["type"]),
-             bool(part.get("bootable", False)))
-            for part in table.get("partitions", [])}
+    return {number: part.row() for number, part in sfdisk_partitions(disk).items()}
 
 
 def table_text(table: Table) -> str:
@@ -559,13 +593,8 @@ FLASH_DATA_LABEL = b"flash-data".ljust(16, b"\0")  # s_volume_name, NUL padded
 
 def _partition_extents(disk: Path) -> dict[int, tuple[int, int]]:
     """number -> (start, size) in bytes, from the disk's partition table (sfdisk)."""
-    table = sfdisk_json(disk)
-    sector = int(table.get("sectorsize", SECTOR))
-    extents = {}
-    for part in table.get("partitions", []):
-        number = int(str(part["node"])[len(str(disk)):].lstrip("p"))
-        extents[number] = (int(part["start"]) * sector, int(part["size"]) * sector)
-    return extents
+    return {number: (part.offset, part.byte_size)
+            for number, part in sfdisk_partitions(disk).items()}
 
 
 def _find_resin_boot(disk: Path) -> int:
@@ -707,13 +736,28 @@ class FallbackResult:
     swaps_after: str
 
 
-def fallback(spec: LegacySpec, workdir: Path, timeout: float = 1800) -> FallbackResult:
+def fallback(spec: LegacySpec, workdir: Path, timeout: float = 1800,
+             progress: Callable[[str], None] | None = None) -> FallbackResult:
     """Stage 2 refuses a corrupted backup.tgz; the old system comes back, rollback restores
-    the swap. E2EError unless each of those is seen."""
+    the swap. E2EError unless each of those is seen. progress(text): told of each step as it
+    starts and ends, and of each of the guest script's E2E lines."""
+    say = progress or (lambda text: None)
+    steps = Steps(say)
+    steps.start("building the bundle")
     bundle = build_bundle(workdir)
+    steps.start("preparing the disk")
     disk = prepare_disk(spec, bundle, workdir)
+    steps.start("the VM", f"stage 1, the flasher's refusal, the legacy system, rollback; "
+                f"serial logs in {workdir}")
+
+    def script_line(seconds: float, line: str) -> None:
+        if line.startswith("E2E "):
+            say(f"{seconds:4.0f} s  {line[4:]}")
+
     result = boot(disk, autorun=FALLBACK_SCRIPT, timeout=timeout, until="E2E done",
-                  log_dir=workdir)
+                  log_dir=workdir, on_line=script_line if progress else None)
+    say(f"the VM stopped after {result.seconds:.0f} s: {ended(result)}")
+    steps.start("checking what the guest said")
     script = result.serial1_text
     console = result.serial0_text
     if "E2E corrupted backup.tgz" not in script:
@@ -732,4 +776,5 @@ def fallback(spec: LegacySpec, workdir: Path, timeout: float = 1800) -> Fallback
     if "/dev/sda" not in swaps:
         raise E2EError("rollback", f"swap not active after rollback and reboot: {swaps!r}",
                        result)
+    steps.end()
     return FallbackResult(boot=result, status_output=status, swaps_after=swaps)

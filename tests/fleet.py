@@ -44,6 +44,7 @@ from tests.e2e import (
     OLD_TOOLS,
     OLDTOOLS_SPEC,
     E2EError,
+    Steps,
     Table,
     build_bundle,
     check_legacy_table,
@@ -262,7 +263,9 @@ def _inventory(machines: list[Machine], workdir: Path, key: Path, bundle: Path,
     return path
 
 
-def _play(inventory: Path, workdir: Path) -> tuple[int, str, float]:
+def _play(inventory: Path, workdir: Path, say: Callable[[str], None]) -> tuple[int, str, float]:
+    """ansible-playbook's exit code, its output (also in workdir/ansible.log) and seconds;
+    say(text) is told of each play and task as it starts."""
     ansible = Path(sys.executable).parent / "ansible-playbook"
     env = {**os.environ, "ANSIBLE_CONFIG": str(PLAYBOOK.parent / "ansible.cfg"),
            "ANSIBLE_HOST_KEY_CHECKING": "False", "ANSIBLE_NOCOLOR": "1",
@@ -270,10 +273,21 @@ def _play(inventory: Path, workdir: Path) -> tuple[int, str, float]:
     extra = json.dumps({"resin_migrate_serial": SERIAL,
                         "resin_migrate_max_fail_percentage": MAX_FAIL_PERCENTAGE})
     started = time.monotonic()
-    with open(workdir / "ansible.log", "w") as log:
-        proc = subprocess.run([str(ansible), "-i", str(inventory), str(PLAYBOOK), "-e", extra],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                              timeout=PLAY_TIMEOUT)
+    with open(workdir / "ansible.log", "w") as log, subprocess.Popen(
+            [str(ansible), "-i", str(inventory), str(PLAYBOOK), "-e", extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            text=True, encoding="utf-8", errors="replace") as proc:
+        # the play's own timeouts end it; this one ends a play that hangs all the same
+        watchdog = threading.Timer(PLAY_TIMEOUT, proc.kill)
+        watchdog.start()
+        try:
+            for line in proc.stdout or ():
+                log.write(line)
+                if line.startswith(("PLAY [", "TASK [")):     # their ends are rows of *
+                    header = line.rstrip(" *\n")
+                    say(f"{time.monotonic() - started:4.0f} s  {header}")
+        finally:
+            watchdog.cancel()
     return proc.returncode, (workdir / "ansible.log").read_text(), time.monotonic() - started
 
 
@@ -356,15 +370,16 @@ def _check_report(report: dict, machines: list[Machine]) -> None:
 
 def run_fleet(workdir: Path, progress: Callable[[str], None] | None = None) -> FleetResult:
     """The whole scenario (module docstring); E2EError naming what failed. progress(text):
-    told of each step as it starts."""
+    told of each step as it starts and ends, and of each play and task."""
     say = progress or (lambda text: None)
-    say("building the bundle")
+    steps = Steps(say)
+    steps.start("building the bundle")
     bundle = build_bundle(workdir)
     key = workdir / "id_fleet"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "resin-migrate-e2e",
                     "-f", str(key)], check=True)
     public_key = (workdir / "id_fleet.pub").read_text()
-    say(f"preparing the disks of {', '.join(host.name for host in HOSTS)}")
+    steps.start("preparing the disks", ", ".join(host.name for host in HOSTS))
     machines = [prepare(host, workdir, public_key) for host in HOSTS]
     pki = workdir / "pki"
     ca = make_ca(pki, "fleet-ca")
@@ -373,7 +388,8 @@ def run_fleet(workdir: Path, progress: Callable[[str], None] | None = None) -> F
         bundle_url = server.url.replace("127.0.0.1", HOST_FROM_GUEST)
         for machine in machines:
             _start(machine)
-        say(f"booting the three VMs (serial logs under {workdir}); waiting for sshd")
+        steps.start("booting the three VMs", f"serial logs under {workdir}; until sshd "
+                    "answers")
         try:
             _wait_for_ssh(machines, key)
             for machine in machines:
@@ -384,11 +400,13 @@ def run_fleet(workdir: Path, progress: Callable[[str], None] | None = None) -> F
                         raise E2EError("legacy boot", f"{machine.host.name} still has "
                                        f"{said.stdout.strip()}", None)
             inventory = _inventory(machines, workdir, key, bundle, bundle_url, ca[0])
-            say(f"running the playbook, serial {SERIAL} (its log: {workdir / 'ansible.log'})")
-            code, output, seconds = _play(inventory, workdir)
-            say(f"the playbook ended with {code} after {seconds:.0f} s; stopping the VMs")
+            steps.start("the playbook", f"serial {SERIAL}; its log: {workdir / 'ansible.log'}")
+            code, output, seconds = _play(inventory, workdir, say)
+            say(f"ansible-playbook exited with {code}")
+            steps.start("stopping the VMs")
         finally:
             _stop(machines, key)
+    steps.start("checking the report and the disks")
     recap = output[output.rfind("PLAY RECAP"):].splitlines()[1:]
     report_path = workdir / "report.json"
     if not report_path.exists():
@@ -411,4 +429,5 @@ def run_fleet(workdir: Path, progress: Callable[[str], None] | None = None) -> F
     except E2EError as exc:
         raise E2EError(exc.phase, f"{exc.problem}\n--- ansible-playbook (tail) ---\n"
                        f"{output[-6000:]}", exc.result) from None
+    steps.end()
     return FleetResult(report=report, machines=machines, play_seconds=seconds, recap=recap)

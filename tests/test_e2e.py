@@ -25,12 +25,12 @@ def test_a_fleet_migrates_in_waves_with_a_refusal(tmp_path: Path) -> None:
     and a device whose swap is a file, which check refuses (tests/fleet.py). The default
     run's primary and oldtools migrations are these; `invoke e2e --scenario primary` or
     `oldtools` runs them alone, by the autorun script."""
-    result = run_fleet(tmp_path)
+    result = run_fleet(tmp_path, progress=print)   # shown when it fails
     print(f"\nfleet:\n{result.summary()}")
 
 
 def test_stage2_refusal_falls_back_and_rollback_restores_swap(tmp_path: Path) -> None:
-    result = fallback(LegacySpec(), tmp_path)
+    result = fallback(LegacySpec(), tmp_path, progress=print)
     print(f"\nfallback run: {result.boot.seconds:.0f} s; {result.swaps_after}")
 
 
@@ -40,7 +40,8 @@ def test_static_network_with_an_older_flasher(tmp_path: Path) -> None:
     (resin names, GRUB variables on its kernel line, no migrator): the `older` scenario of
     `invoke e2e` with the network of `static`."""
     network = StaticNetwork()
-    result = migrate(LegacySpec(), tmp_path, release=OLDER_RELEASE, network=network)
+    result = migrate(LegacySpec(), tmp_path, release=OLDER_RELEASE, network=network,
+                     progress=print)
     assert set(network.keyfile_names) <= set(result.keyfiles)
     ethernet = result.keyfiles[network.keyfile_names[0]]
     assert ethernet["ipv4"]["address1"] == f"{network.address}/{network.prefix},{network.gateway}"

@@ -20,6 +20,7 @@ from runtime.layout import Partition
 from runtime.manifest import dumps, loads
 from runtime.plan import Placement, place
 from tests.test_manifest import _manifest
+from tests.tools import sfdisk_json, sfdisk_partitions
 
 GIB = 1 << 30
 MIB_SECTORS = 2048
@@ -57,16 +58,10 @@ def by_parted(image: Path, *commands: str) -> Path:
     return image
 
 
-def sfdisk_json(image: Path | str) -> dict:
-    return json.loads(_sh("sfdisk", "--json", str(image)))["partitiontable"]
-
-
 def sfdisk_entries(image: Path | str) -> list[tuple]:
     """(number, start, size, type, bootable) of every partition, as sfdisk reads them."""
-    table = sfdisk_json(image)
-    return [(int(part["node"][len(str(image)):].lstrip("p")), part["start"], part["size"],
-             int(part["type"], 16), bool(part.get("bootable")))
-            for part in table["partitions"]]
+    return [(number, part.start, part.size, int(part.type, 16), part.bootable)
+            for number, part in sorted(sfdisk_partitions(image).items())]
 
 
 def model_entries(table: mbr.Table) -> list[tuple]:

@@ -203,6 +203,23 @@ def test_sources_name_what_they_cannot_carry() -> None:
     assert problems and "mapping" in problems[0]
 
 
+def test_a_malformed_mac_is_refused_by_name_not_written() -> None:
+    """A MAC NetworkManager would not take (five bytes here) makes no keyfile; the plan
+    refuses, naming the address and its source."""
+    from runtime.netconfig import ifupdown
+    text = ("auto eth0\niface eth0 inet static\n address 10.1.2.3\n netmask 255.255.255.0\n"
+            " gateway 10.1.2.1\n hwaddress ether 00:11:22:33:44\n")
+    plan = detect(lambda path: text if path == ifupdown.INTERFACES else None, None)
+    said = "\n".join(plan.lines())
+    assert plan.refusal, said
+    assert "the MAC address 00:11:22:33:44 configured for eth0" in said
+    assert "not six hex bytes" in said and ifupdown.INTERFACES in said
+    assert not plan.texts()
+    well_formed = text.replace("00:11:22:33:44", "00:11:22:33:44:5a")
+    plan = detect(lambda path: well_formed if path == ifupdown.INTERFACES else None, None)
+    assert not plan.refusal and "mac-address=00:11:22:33:44:5A" in "".join(plan.texts().values())
+
+
 def _preflight_root(tmp_path: Path, case: str) -> Path:
     root = tmp_path / "root"
     subprocess.run(["cp", "-a", str(DATA / case / "root"), str(root)], check=True)

@@ -3,7 +3,6 @@ table writer to a sparse file and read back with sfdisk --json (no root needed).
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from runtime.disk import read_table, write_table
 from runtime.manifest import dumps, loads
 from runtime.plan import CORE_SECTORS, PlanError, place
 from tests.test_manifest import _manifest
+from tests.tools import sfdisk_json
 
 MIB_SECTORS = 2048
 GIB = 1 << 30
@@ -33,8 +33,7 @@ def _dump(image: Path) -> str:
 
 def _apply(image: Path, layout) -> dict:
     write_table(str(image), layout.new)
-    return json.loads(subprocess.run(["sfdisk", "--json", str(image)], capture_output=True,
-                                     check=True).stdout)["partitiontable"]
+    return sfdisk_json(image)
 
 
 def _manifest_small():

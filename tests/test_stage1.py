@@ -36,7 +36,7 @@ from tests.rig.legacy import (
     copy_legacy_image,
     mounted_root,
 )
-from tests.tools import blkid, sfdisk_json, sh
+from tests.tools import blkid, sfdisk_json, sfdisk_partitions, sh
 
 pytestmark = pytest.mark.loop
 
@@ -141,18 +141,17 @@ LAYOUTS = [LegacySpec(placement=SwapPlacement.PRIMARY),
 def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     manifest = load(str(device.bundle))
     before_dump = sfdisk_dump(device.disk)
-    before_table = sfdisk_json(Path(device.disk))
+    before = sfdisk_partitions(device.disk)
     before_tree = tree_digest(device.sysroot)
     boot_area = read_device(device.disk, 2048 * 512)    # MBR and the gap before p1
     fstab_before = (device.sysroot / "etc/fstab").read_text()
-    swap_number = 2 if "p2" in [p["node"][-2:] for p in before_table["partitions"]
-                                if p["type"] == "82"] else 5
-    swap = next(p for p in before_table["partitions"] if p["type"] == "82")
+    swap_number = next(number for number, part in before.items() if part.type == "82")
+    swap = before[swap_number]
     swap_probe = blkid(Path(device.partition(swap_number)))
     # the extended boot record(s) before the swap, which stage 1 rewrites: rollback must
     # put back their bytes, not only what they mean
-    extended = [p for p in before_table["partitions"] if p["type"] in ("5", "f")]
-    ebr_area = (extended[0]["start"], swap["start"]) if extended else (0, 0)
+    extended = [part for part in before.values() if part.type in ("5", "f")]
+    ebr_area = (extended[0].start, swap.start) if extended else (0, 0)
     ebrs_before = read_device(device.disk, ebr_area[1] * 512)[ebr_area[0] * 512:]
 
     checked = device.runtime("check")
@@ -174,22 +173,20 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
     assert outcome["backup_taken"] and not outcome["running"]
 
     # the table, read back by sfdisk: root untouched, flash partitions in the swap extent
-    after = sfdisk_json(Path(device.disk))
-    parts = {int(p["node"][len(device.disk) + 1:]): p for p in after["partitions"]}
-    root_before = before_table["partitions"][0]
-    assert (parts[1]["start"], parts[1]["size"]) == (root_before["start"], root_before["size"])
+    parts = sfdisk_partitions(device.disk)
+    assert (parts[1].start, parts[1].size) == (before[1].start, before[1].size)
     numbers = [2, 3, 4] if swap_number == 2 else [5, 6, 7]
-    assert [parts[n]["type"] for n in numbers] == ["e", "83", "83"]
+    assert [parts[n].type for n in numbers] == ["e", "83", "83"]
     # the swap's first MiB, in no partition, holds the flasher's own core.img
-    assert parts[numbers[0]]["start"] == swap["start"] + CORE_SECTORS
-    assert parts[numbers[2]]["start"] + parts[numbers[2]]["size"] == swap["start"] + swap["size"]
+    assert parts[numbers[0]].start == swap.start + CORE_SECTORS
+    assert parts[numbers[2]].end == swap.end
     labels = [blkid(Path(device.partition(n))) for n in numbers]
     assert [(found["LABEL"], found["TYPE"]) for found in labels] == [
         ("flash-boot", "vfat"), ("flash-rootA", "ext4"), ("flash-data", "ext4")]
     for number, label in zip(numbers[:2], ("flash-boot", "flash-rootA")):
         part = manifest.partition(label)
         stream = manifest.stream(part.stream)
-        assert parts[number]["size"] * 512 >= part.size
+        assert parts[number].byte_size >= part.size
         assert read_device(device.partition(number), stream.raw_size) == \
             stream_bytes(device.bundle, stream.file)
     assert sh("e2fsck", "-fn", device.partition(numbers[1]), check=False).returncode == 0
@@ -227,7 +224,7 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
         assert f"RM_IMAGE_SHA256='{manifest.inner_image.sha256}'" in env
         # the first sector stage 2 must not write: the flash area, or for logical
         # partitions the extended boot record before them
-        protected = swap["start"] if swap_number == 2 else before_table["partitions"][1]["start"]
+        protected = swap.start if swap_number == 2 else before[2].start
         assert f"RM_FLASH_START='{protected}'" in env
         with tarfile.open(mount / "backup.tgz") as tar:
             names = {member.name: member for member in tar.getmembers()}
@@ -240,9 +237,9 @@ def test_stage1_then_rollback(device: Device, tmp_path: Path) -> None:
         armed = (mount / ARMED_MBR_NAME).read_bytes()
         sector0 = read_device(device.disk, 512)
         assert armed[440:] == sector0[440:] and armed[:440] != sector0[:440]
-        assert int.from_bytes(armed[0x5c:0x64], "little") == swap["start"]
+        assert int.from_bytes(armed[0x5c:0x64], "little") == swap.start
         assert f"RM_ARMED_MBR_SHA256='{hashlib.sha256(armed).hexdigest()}'" in env
-        _check_boot_core(device, swap["start"], env, boot_area[:512])
+        _check_boot_core(device, swap.start, env, boot_area[:512])
     finally:
         sh("umount", mount)
 

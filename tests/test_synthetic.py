@@ -25,7 +25,6 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -40,6 +39,7 @@ from tests.synthetic import (
     cached_flasher,
     cached_resinos,
 )
+from tests.tools import Partition, sfdisk_json, sfdisk_partitions
 
 MiB = 1 << 20
 S = 512  # sector
@@ -166,42 +166,7 @@ def sh_bytes(*argv: object) -> bytes:
 # ----------------------------------------------------------------------------- tables
 
 
-@dataclasses.dataclass(frozen=True)
-class Part:
-    """One partition as sfdisk --json reports it (sectors)."""
-
-    number: int
-    start: int
-    size: int
-    type: str
-    bootable: bool
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
-
-    @property
-    def offset(self) -> int:
-        return self.start * S
-
-
-def sfdisk_table(img: Path) -> dict[str, Any]:
-    table: dict[str, Any] = json.loads(sh("sfdisk", "--json", img).stdout)["partitiontable"]
-    return table
-
-
-def partitions(img: Path) -> dict[int, Part]:
-    """Number -> partition; sfdisk names partition N of IMG "IMGN" (or "IMGpN")."""
-    out = {}
-    for p in sfdisk_table(img)["partitions"]:
-        match = re.fullmatch(r"p?(\d+)", p["node"][len(str(img)):])
-        assert match, p["node"]
-        number = int(match.group(1))
-        out[number] = Part(number, p["start"], p["size"], p["type"], bool(p.get("bootable")))
-    return out
-
-
-def probe(img: Path, part: Part) -> dict[str, str]:
+def probe(img: Path, part: Partition) -> dict[str, str]:
     """blkid's low-level probe of one partition; {} when it finds nothing (exit code 2)."""
     proc = sh("blkid", "-p", "-o", "export", "-O", part.offset, "-S", part.size * S, img,
               ok=(0, 2))
@@ -215,14 +180,14 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
 
 
 def check_msdos_layout(img: Path, primaries: list[int | None], logicals: list[int]
-                       ) -> dict[int, Part]:
+                       ) -> dict[int, Partition]:
     """The layout of image_types_balena.bbclass: msdos, the first 4 MiB reserved, p1 (FAT16
     LBA, boot flag) p2 p3 of the given sizes (MiB, None: any 4 MiB multiple) back to back,
     p4 extended (LBA) to the end of the disk, each logical partition 4 MiB after the
     previous end (room for its EBR), the file ending with the last partition."""
-    table = sfdisk_table(img)
+    table = sfdisk_json(img)
     assert (table["label"], table["unit"], table["sectorsize"]) == ("dos", "sectors", 512)
-    p = partitions(img)
+    p = sfdisk_partitions(img)
     assert sorted(p) == [1, 2, 3, 4, 5, 6]
     assert [n for n in p if p[n].bootable] == [1]
     assert [p[n].type for n in sorted(p)] == ["e", "83", "83", "f", "83", "83"]
@@ -257,22 +222,22 @@ def check_grub_boot_code(img: Path, present: bool) -> None:
 # ----------------------------------------------------------------------------- FAT
 
 
-def fat(img: Path, part: Part) -> str:
+def fat(img: Path, part: Partition) -> str:
     """The mtools drive spec of a FAT partition inside an image."""
     return f"{img}@@{part.offset}"
 
 
-def fat_files(img: Path, part: Part) -> set[str]:
+def fat_files(img: Path, part: Partition) -> set[str]:
     """Every file and directory of a FAT partition, relative, directories without '/'."""
     out = sh("mdir", "-/", "-b", "-i", fat(img, part), "::/").stdout
     return {line.removeprefix("::/").rstrip("/") for line in out.splitlines() if line.strip()}
 
 
-def fat_read(img: Path, part: Part, path: str) -> bytes:
+def fat_read(img: Path, part: Partition, path: str) -> bytes:
     return sh_bytes("mtype", "-i", fat(img, part), f"::/{path}")
 
 
-def fat_copy(img: Path, part: Part, dest: Path) -> Path:
+def fat_copy(img: Path, part: Partition, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     sh("mcopy", "-s", "-n", "-m", "-i", fat(img, part), "::/*", dest)
     return dest
@@ -281,7 +246,7 @@ def fat_copy(img: Path, part: Part, dest: Path) -> Path:
 # ----------------------------------------------------------------------------- ext4
 
 
-def ext4(img: Path, part: Part) -> str:
+def ext4(img: Path, part: Partition) -> str:
     """The e2fsprogs spec of an ext4 partition inside an image."""
     return f"{img}?offset={part.offset}"
 
@@ -456,7 +421,7 @@ def stream_digest(argv: list[str], size: int) -> str:
     return _digest(size, blocks())
 
 
-def is_zero(img: Path, part: Part) -> bool:
+def is_zero(img: Path, part: Partition) -> bool:
     return next(nonzero_blocks(img, part.offset, part.end * S), None) is None
 
 
@@ -481,10 +446,10 @@ def key_values(text: str) -> dict[str, str]:
 class Flasher:
     facts: Facts
     path: Path
-    parts: dict[int, Part]
+    parts: dict[int, Partition]
 
     @property
-    def boot(self) -> Part:
+    def boot(self) -> Partition:
         return self.parts[1]
 
     @property
@@ -497,7 +462,7 @@ def flasher(request: pytest.FixtureRequest) -> Flasher:
     """The cached synthetic flasher of one release row (built once, reused across runs)."""
     row: str = request.param
     path = cached_flasher(FlasherSpec(release=RELEASES[row]))
-    return Flasher(reference_facts(row), path, partitions(path))
+    return Flasher(reference_facts(row), path, sfdisk_partitions(path))
 
 
 @pytest.fixture(scope="module")
@@ -755,7 +720,7 @@ def test_inner_image_boot(flasher: Flasher, inner_image: Path) -> None:
     core.img after it, /grub/grub.cfg); 2.12's leaves that to the flasher, which writes
     resin-boot's /grub/boot.img and core.img and copies grub.cfg_internal."""
     f, img = flasher.facts, inner_image
-    p = partitions(img)
+    p = sfdisk_partitions(img)
     files = fat_files(img, p[1])
     check_grub_boot_code(img, present=f.image_boots_bios)
     assert ("grub/grub.cfg" in files) == f.image_boots_bios
@@ -772,7 +737,7 @@ def test_inner_image_extraction_and_build_agree(tmp_path: Path) -> None:
     image is the row's resinOS image (build_resinos_image)."""
     f = reference_facts(DEFAULT.name)
     img = cached_flasher(FlasherSpec(release=DEFAULT))
-    fs = ext4(img, partitions(img)[2])
+    fs = ext4(img, sfdisk_partitions(img)[2])
     out = ext4_extract_sparse(fs, f"/opt/{f.inner}", tmp_path / "inner.img")
     digest = content_digest(out)
     cat = ["debugfs", "-R", f"cat /opt/{f.inner}", fs]
@@ -799,7 +764,7 @@ def test_efi_only_image(row: str, tmp_path: Path) -> None:
 
 def test_flasher_without_rootA() -> None:
     img = cached_flasher(FlasherSpec(with_rootA=False))
-    p = partitions(img)
+    p = sfdisk_partitions(img)
     assert p[2].size > 0 and p[2].size % ALIGN_S == 0
     assert probe(img, p[2]) == {}
     assert is_zero(img, p[2])
@@ -808,7 +773,7 @@ def test_flasher_without_rootA() -> None:
 
 def test_flasher_without_inner_image() -> None:
     img = cached_flasher(FlasherSpec(with_inner_image=False))
-    fs = ext4(img, partitions(img)[2])
+    fs = ext4(img, sfdisk_partitions(img)[2])
     sh("e2fsck", "-fn", fs)
     assert ext4_ls(fs, "/opt") == {}
     f = reference_facts(DEFAULT.name)
@@ -819,8 +784,8 @@ def test_flasher_without_inner_image() -> None:
 def test_gpt_flasher() -> None:
     """generic-amd64's table: GPT, no extended partition, the ESP first."""
     img = cached_flasher(FlasherSpec(gpt=True))
-    assert sfdisk_table(img)["label"] == "gpt"
-    p = partitions(img)
+    assert sfdisk_json(img)["label"] == "gpt"
+    p = sfdisk_partitions(img)
     assert p[1].type == GPT_ESP
     assert all(part.type == GPT_LINUX for n, part in p.items() if n != 1)
     assert all(part.start % ALIGN_S == 0 for part in p.values())
@@ -835,7 +800,7 @@ def test_gpt_flasher() -> None:
 def test_signed_flasher() -> None:
     """A signed build: the image's .sig beside it in /opt, /balena-keys on flash-boot."""
     img = cached_flasher(FlasherSpec(signed=True))
-    p = partitions(img)
+    p = sfdisk_partitions(img)
     f = reference_facts(DEFAULT.name)
     opt = ext4_ls(ext4(img, p[2]), "/opt")
     assert set(opt) == {f.inner, f"{f.inner}.sig"}
@@ -846,7 +811,7 @@ def test_signed_flasher() -> None:
 
 def test_flasher_without_flasher_unit(tmp_path: Path) -> None:
     img = cached_flasher(FlasherSpec(with_flasher_unit=False))
-    tree = rdump_tree(ext4(img, partitions(img)[2]), tmp_path / "tree")
+    tree = rdump_tree(ext4(img, sfdisk_partitions(img)[2]), tmp_path / "tree")
     assert not (tree / "lib/systemd/system/resin-init-flasher.service").exists()
     wants = tree / "etc/systemd/system/multi-user.target.wants"
     assert not os.path.lexists(wants / "resin-init-flasher.service")
@@ -909,7 +874,7 @@ def test_command_error_names_the_command(tmp_path: Path) -> None:
     # debugfs exits 0 on a failed request: its stderr still makes it an error
     img = cached_flasher(FlasherSpec(with_inner_image=False))
     with pytest.raises(CommandError) as info:
-        imaging.debugfs(ext4(img, partitions(img)[2]), ["stat /no/such/file"])
+        imaging.debugfs(ext4(img, sfdisk_partitions(img)[2]), ["stat /no/such/file"])
     assert "debugfs" in str(info.value) and "/no/such/file" not in info.value.argv
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def blkid(path: Path, offset: int | None = None, size: int | None = None) -> dict[str, str]:
+def blkid(path: Path | str, offset: int | None = None, size: int | None = None) -> dict[str, str]:
     argv: list[object] = ["blkid", "-p", "-o", "export"]
     if offset is not None:
         argv += ["-O", offset]
@@ -55,15 +56,63 @@ def blkid(path: Path, offset: int | None = None, size: int | None = None) -> dic
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def sfdisk_json(path: Path) -> dict:
+SECTOR = 512
+
+
+def sfdisk_json(path: Path | str) -> dict:
+    """The partition table as sfdisk --json reads it from a file or a device."""
     return json.loads(sh("sfdisk", "--json", path).stdout)["partitiontable"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """One partition as sfdisk --json reads it, in sectors of 512 bytes."""
+
+    number: int
+    start: int
+    size: int
+    type: str       # sfdisk's hex without 0x: "83", "82", "5", "e"
+    bootable: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def offset(self) -> int:
+        """The byte offset of its first sector."""
+        return self.start * SECTOR
+
+    @property
+    def byte_size(self) -> int:
+        return self.size * SECTOR
+
+    def row(self) -> tuple[int, int, str, bool]:
+        return self.start, self.size, self.type, self.bootable
+
+
+def sfdisk_partitions(path: Path | str) -> dict[int, Partition]:
+    """Number -> partition of a file's or a device's msdos table, read by sfdisk --json
+    (which names partition N of X "XN", or "XpN" when X ends in a digit)."""
+    table = sfdisk_json(path)
+    if int(table.get("sectorsize", SECTOR)) != SECTOR:
+        raise ValueError(f"{path}: sectors of {table['sectorsize']} bytes, not {SECTOR}")
+    found = {}
+    for part in table.get("partitions", []):
+        suffix = str(part["node"])[len(str(path)):]
+        if not suffix.lstrip("p").isdigit():
+            raise ValueError(f"{path}: sfdisk names a partition {part['node']}")
+        number = int(suffix.lstrip("p"))
+        found[number] = Partition(number, int(part["start"]), int(part["size"]),
+                                  str(part["type"]), bool(part.get("bootable", False)))
+    return found
 
 
 def e2fsck_clean(path: Path) -> subprocess.CompletedProcess:
     return sh("e2fsck", "-fn", path, check=False)
 
 
-def debugfs_cat(image: Path, path: str) -> bytes:
+def debugfs_cat(image: Path | str, path: str) -> bytes:
     return sh("debugfs", "-R", f"cat {path}", image).stdout
 
 

@@ -9,7 +9,17 @@ import os
 import re
 
 from ..files import decode, read_text
-from . import ETHERNET, WIFI, Connection, NetworkError, keyfile, live, nmconnection, wpa
+from . import (
+    ETHERNET,
+    MAC_PATTERN,
+    WIFI,
+    Connection,
+    NetworkError,
+    keyfile,
+    live,
+    nmconnection,
+    wpa,
+)
 from . import ifupdown as ifupdown_module
 from . import netplan as netplan_module
 
@@ -294,6 +304,13 @@ def _match_link(connection, links, have_live):
         elif not connection.mac:
             connection.mac = found.mac
             connection.mac_source = "live state (ip link, /sys/class/net)"
+    if connection.mac and not MAC_PATTERN.match(connection.mac):
+        # NetworkManager would refuse the keyfile, and the device would come up without it
+        connection.unsupported = (
+            "the MAC address {} configured for {} in {} is not six hex bytes "
+            "(aa:bb:cc:dd:ee:ff)".format(connection.mac, connection.interface or "the interface",
+                                         connection.mac_source or connection.source))
+        return
     if not connection.mac:
         connection.unsupported = (
             "the MAC address of {} is unknown (not in the configuration{})".format(

@@ -33,12 +33,11 @@ from tests.rig.bootimages import (
     cached_bootable_flasher,
     cached_bootable_resinos,
     parse_report,
-    partition_offsets,
     resinos_grub_cfg,
     sparse_copy,
 )
 from tests.rig.legacy import BACKUP_VOLUME
-from tests.tools import read_range
+from tests.tools import read_range, sfdisk_partitions
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "data" / "config.json"
@@ -80,13 +79,13 @@ def _resinos(release: Release) -> Path:
 
 
 def _label(image: Path, number: int) -> str:
-    offset, _ = partition_offsets(image)[number]
+    offset = sfdisk_partitions(image)[number].offset
     return subprocess.run(["blkid", "-p", "-O", str(offset), "-s", "LABEL", "-o", "value",
                            str(image)], capture_output=True, text=True).stdout.strip()
 
 
 def _fat(image: Path, number: int) -> str:
-    return f"{image}@@{partition_offsets(image)[number][0]}"
+    return f"{image}@@{sfdisk_partitions(image)[number].offset}"
 
 
 def _fat_read(image: Path, number: int, path: str) -> bytes:
@@ -104,7 +103,7 @@ def _fat_write(image: Path, number: int, path: str, data: bytes, tmp: Path) -> N
 
 
 def _ext4(image: Path, number: int) -> str:
-    return f"{image}?offset={partition_offsets(image)[number][0]}"
+    return f"{image}?offset={sfdisk_partitions(image)[number].offset}"
 
 
 def _ext4_exists(image: Path, number: int, paths: list[str]) -> dict[str, bool]:
@@ -192,12 +191,12 @@ def test_the_rig_boots_the_rows_the_issue_names() -> None:
 @pytest.mark.vm
 def test_resinos_stand_in_has_the_row_shape(row: Release) -> None:
     image = _resinos(row)
-    parts = partition_offsets(image)
+    parts = sfdisk_partitions(image)
     assert sorted(parts) == [1, 2, 3, 4, 5, 6]
-    assert parts[1] == (4 * MiB, row.boot_mib * MiB)
-    assert parts[2][1] == parts[3][1] == row.root_mib * MiB
-    assert parts[6][1] == row.data_mib * MiB
-    assert all(offset % (4 * MiB) == 0 for offset, _ in parts.values())
+    assert (parts[1].offset, parts[1].byte_size) == (4 * MiB, row.boot_mib * MiB)
+    assert parts[2].byte_size == parts[3].byte_size == row.root_mib * MiB
+    assert parts[6].byte_size == row.data_mib * MiB
+    assert all(part.offset % (4 * MiB) == 0 for part in parts.values())
     for number, label in RESINOS_LABELS.items():
         assert _label(image, number) == label
     with image.open("rb") as handle:
@@ -216,9 +215,10 @@ def test_resinos_stand_in_has_the_row_shape(row: Release) -> None:
 @pytest.mark.vm
 def test_flasher_has_the_row_shape_units_and_stage2_tools(row: Release, tmp_path: Path) -> None:
     image = _flasher(row)
-    parts = partition_offsets(image)
+    parts = sfdisk_partitions(image)
     assert sorted(parts) == [1, 2, 3, 4, 5, 6]
-    assert parts[1] == (8192 * 512, row.boot_mib * MiB)  # as in REFERENCE's parted listing
+    # as in REFERENCE's parted listing
+    assert (parts[1].offset, parts[1].byte_size) == (8192 * 512, row.boot_mib * MiB)
     for number, label in FLASHER_LABELS.items():
         assert _label(image, number) == label
     assert _fat_read(image, 1, f"/{row.flag_file}") == b"DO NOT REMOVE THIS FILE\n"

@@ -3,7 +3,6 @@ the GRUB tools of the image itself in a chroot)."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import struct
@@ -37,6 +36,7 @@ from tests.rig.legacy import (
     sfdisk_script,
     spec_of_image,
 )
+from tests.tools import blkid, debugfs_cat, sfdisk_json, sfdisk_partitions
 
 PRIMARY = LegacySpec()
 LOGICAL = LegacySpec(placement=SwapPlacement.LOGICAL)
@@ -54,19 +54,6 @@ def sh(*argv: object, check: bool = True) -> subprocess.CompletedProcess[str]:
         check=check,
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"},
     )
-
-
-def blkid(device: str | Path) -> dict[str, str]:
-    out = sh("blkid", "-p", "-o", "export", device, check=False).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def sfdisk_json(image: Path) -> dict:
-    return json.loads(sh("sfdisk", "--json", image).stdout)["partitiontable"]
-
-
-def debugfs_cat(device: str, path: str) -> str:
-    return sh("debugfs", "-R", f"cat {path}", device).stdout
 
 
 def loops_of(image: Path) -> str:
@@ -215,27 +202,27 @@ def test_partition_table(spec: LegacySpec) -> None:
     table = sfdisk_json(image)
     assert table["label"] == "dos" and int(table["id"], 16) == DISK_ID
     assert table["unit"] == "sectors"
-    parts = {int(p["node"].rsplit("img", 1)[1]): p for p in table["partitions"]}
-    assert parts[1]["type"] == "83" and parts[1].get("bootable") is True
-    assert parts[1]["start"] == 2048
-    assert all(p["start"] % 2048 == 0 for p in parts.values())
+    parts = sfdisk_partitions(image)
+    assert parts[1].type == "83" and parts[1].bootable
+    assert parts[1].start == 2048
+    assert all(p.start % 2048 == 0 for p in parts.values())
     if spec is SWAPFILE:
         assert sorted(parts) == [1]
-        assert parts[1]["start"] + parts[1]["size"] == spec.disk_mib * 2048
+        assert parts[1].end == spec.disk_mib * 2048
     elif spec is PRIMARY:
         assert sorted(parts) == [1, 2]
-        assert parts[2]["type"] == "82" and not parts[2].get("bootable")
-        assert parts[2]["start"] == parts[1]["start"] + parts[1]["size"]
-        assert parts[2]["size"] == spec.swap_mib * 2048
+        assert parts[2].type == "82" and not parts[2].bootable
+        assert parts[2].start == parts[1].end
+        assert parts[2].size == spec.swap_mib * 2048
     else:
         assert sorted(parts) == [1, 2, 5]
         ext, swap = parts[2], parts[5]
-        assert ext["type"] == "5" and swap["type"] == "82"
-        assert ext["start"] == parts[1]["start"] + parts[1]["size"]
-        assert ext["start"] < swap["start"]
-        assert swap["start"] + swap["size"] <= ext["start"] + ext["size"]
-        assert ext["start"] + ext["size"] == spec.disk_mib * 2048
-        assert swap["size"] == spec.swap_mib * 2048
+        assert ext.type == "5" and swap.type == "82"
+        assert ext.start == parts[1].end
+        assert ext.start < swap.start
+        assert swap.end <= ext.end
+        assert ext.end == spec.disk_mib * 2048
+        assert swap.size == spec.swap_mib * 2048
 
 
 @pytest.mark.loop
@@ -261,7 +248,7 @@ def test_filesystems_and_fstab(spec: LegacySpec) -> None:
         assert swap["UUID"] == spec.swap_uuid and swap["LABEL"] == spec.swap_label
         assert swap["PART_ENTRY_TYPE"] == "0x82"
         assert swap["PART_ENTRY_NUMBER"] == str(spec.swap_number)
-        fstab = debugfs_cat(dev.root, "/etc/fstab")
+        fstab = debugfs_cat(dev.root, "/etc/fstab").decode()
         assert fstab == fstab_text(spec)
         swap_source = next(
             ln.split()[0] for ln in fstab.splitlines() if ln[:1] != "#" and " swap " in ln
@@ -398,9 +385,7 @@ def test_cylinder_table_as_old_fdisk_wrote_it() -> None:
     superblock intact); spec_of_image gives a spec of the same table."""
     image = cached_legacy_image(CYLINDER_LOGICAL)
     parts = {p.number: p for p in partitions(CYLINDER_LOGICAL)}
-    table = sfdisk_json(image)
-    found = {int(p["node"].rsplit("img", 1)[1]): (p["start"], p["size"], p["type"])
-             for p in table["partitions"]}
+    found = {n: (p.start, p.size, p.type) for n, p in sfdisk_partitions(image).items()}
     assert found == {n: (p.start, p.size, p.type) for n, p in parts.items()}
     with open(image, "rb") as f:
         f.seek(parts[2].start * 512)
