@@ -461,7 +461,8 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
 
 def _table(disk: Path) -> Table:
     """The disk's partition table as sfdisk reads it on the host, in sectors."""
-    return {number: part.row() for number, part in sfdisk_partitions(disk).items()}
+    return {number: (part.start, part.size, part.type, part.bootable)
+            for number, part in sfdisk_partitions(disk).items()}
 
 
 def table_text(table: Table) -> str:
@@ -593,7 +594,7 @@ FLASH_DATA_LABEL = b"flash-data".ljust(16, b"\0")  # s_volume_name, NUL padded
 
 def _partition_extents(disk: Path) -> dict[int, tuple[int, int]]:
     """number -> (start, size) in bytes, from the disk's partition table (sfdisk)."""
-    return {number: (part.offset, part.byte_size)
+    return {number: (part.offset, part.nbytes)
             for number, part in sfdisk_partitions(disk).items()}
 
 

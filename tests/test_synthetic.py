@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests import imaging
+from tests.imaging import Part
 from tests.releases import DEFAULT, RELEASES
 from tests.synthetic import (
     CommandError,
@@ -39,7 +40,7 @@ from tests.synthetic import (
     cached_flasher,
     cached_resinos,
 )
-from tests.tools import Partition, sfdisk_json, sfdisk_partitions
+from tests.tools import sfdisk_json, sfdisk_partitions
 
 MiB = 1 << 20
 S = 512  # sector
@@ -166,7 +167,7 @@ def sh_bytes(*argv: object) -> bytes:
 # ----------------------------------------------------------------------------- tables
 
 
-def probe(img: Path, part: Partition) -> dict[str, str]:
+def probe(img: Path, part: Part) -> dict[str, str]:
     """blkid's low-level probe of one partition; {} when it finds nothing (exit code 2)."""
     proc = sh("blkid", "-p", "-o", "export", "-O", part.offset, "-S", part.size * S, img,
               ok=(0, 2))
@@ -180,7 +181,7 @@ def read_at(path: Path, offset: int, size: int) -> bytes:
 
 
 def check_msdos_layout(img: Path, primaries: list[int | None], logicals: list[int]
-                       ) -> dict[int, Partition]:
+                       ) -> dict[int, Part]:
     """The layout of image_types_balena.bbclass: msdos, the first 4 MiB reserved, p1 (FAT16
     LBA, boot flag) p2 p3 of the given sizes (MiB, None: any 4 MiB multiple) back to back,
     p4 extended (LBA) to the end of the disk, each logical partition 4 MiB after the
@@ -222,22 +223,22 @@ def check_grub_boot_code(img: Path, present: bool) -> None:
 # ----------------------------------------------------------------------------- FAT
 
 
-def fat(img: Path, part: Partition) -> str:
+def fat(img: Path, part: Part) -> str:
     """The mtools drive spec of a FAT partition inside an image."""
     return f"{img}@@{part.offset}"
 
 
-def fat_files(img: Path, part: Partition) -> set[str]:
+def fat_files(img: Path, part: Part) -> set[str]:
     """Every file and directory of a FAT partition, relative, directories without '/'."""
     out = sh("mdir", "-/", "-b", "-i", fat(img, part), "::/").stdout
     return {line.removeprefix("::/").rstrip("/") for line in out.splitlines() if line.strip()}
 
 
-def fat_read(img: Path, part: Partition, path: str) -> bytes:
+def fat_read(img: Path, part: Part, path: str) -> bytes:
     return sh_bytes("mtype", "-i", fat(img, part), f"::/{path}")
 
 
-def fat_copy(img: Path, part: Partition, dest: Path) -> Path:
+def fat_copy(img: Path, part: Part, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     sh("mcopy", "-s", "-n", "-m", "-i", fat(img, part), "::/*", dest)
     return dest
@@ -246,7 +247,7 @@ def fat_copy(img: Path, part: Partition, dest: Path) -> Path:
 # ----------------------------------------------------------------------------- ext4
 
 
-def ext4(img: Path, part: Partition) -> str:
+def ext4(img: Path, part: Part) -> str:
     """The e2fsprogs spec of an ext4 partition inside an image."""
     return f"{img}?offset={part.offset}"
 
@@ -421,7 +422,7 @@ def stream_digest(argv: list[str], size: int) -> str:
     return _digest(size, blocks())
 
 
-def is_zero(img: Path, part: Partition) -> bool:
+def is_zero(img: Path, part: Part) -> bool:
     return next(nonzero_blocks(img, part.offset, part.end * S), None) is None
 
 
@@ -446,10 +447,10 @@ def key_values(text: str) -> dict[str, str]:
 class Flasher:
     facts: Facts
     path: Path
-    parts: dict[int, Partition]
+    parts: dict[int, Part]
 
     @property
-    def boot(self) -> Partition:
+    def boot(self) -> Part:
         return self.parts[1]
 
     @property

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 from pathlib import Path
+
+from tests.imaging import SECTOR, Part
 
 
 def sh(*argv: object, check: bool = True,
@@ -56,42 +57,12 @@ def blkid(path: Path | str, offset: int | None = None, size: int | None = None) 
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-SECTOR = 512
-
-
 def sfdisk_json(path: Path | str) -> dict:
     """The partition table as sfdisk --json reads it from a file or a device."""
     return json.loads(sh("sfdisk", "--json", path).stdout)["partitiontable"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Partition:
-    """One partition as sfdisk --json reads it, in sectors of 512 bytes."""
-
-    number: int
-    start: int
-    size: int
-    type: str       # sfdisk's hex without 0x: "83", "82", "5", "e"
-    bootable: bool
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
-
-    @property
-    def offset(self) -> int:
-        """The byte offset of its first sector."""
-        return self.start * SECTOR
-
-    @property
-    def byte_size(self) -> int:
-        return self.size * SECTOR
-
-    def row(self) -> tuple[int, int, str, bool]:
-        return self.start, self.size, self.type, self.bootable
-
-
-def sfdisk_partitions(path: Path | str) -> dict[int, Partition]:
+def sfdisk_partitions(path: Path | str) -> dict[int, Part]:
     """Number -> partition of a file's or a device's msdos table, read by sfdisk --json
     (which names partition N of X "XN", or "XpN" when X ends in a digit)."""
     table = sfdisk_json(path)
@@ -103,8 +74,8 @@ def sfdisk_partitions(path: Path | str) -> dict[int, Partition]:
         if not suffix.lstrip("p").isdigit():
             raise ValueError(f"{path}: sfdisk names a partition {part['node']}")
         number = int(suffix.lstrip("p"))
-        found[number] = Partition(number, int(part["start"]), int(part["size"]),
-                                  str(part["type"]), bool(part.get("bootable", False)))
+        found[number] = Part(number, int(part["start"]), int(part["size"]),
+                             str(part["type"]), bool(part.get("bootable", False)))
     return found
 
 

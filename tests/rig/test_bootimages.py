@@ -193,9 +193,9 @@ def test_resinos_stand_in_has_the_row_shape(row: Release) -> None:
     image = _resinos(row)
     parts = sfdisk_partitions(image)
     assert sorted(parts) == [1, 2, 3, 4, 5, 6]
-    assert (parts[1].offset, parts[1].byte_size) == (4 * MiB, row.boot_mib * MiB)
-    assert parts[2].byte_size == parts[3].byte_size == row.root_mib * MiB
-    assert parts[6].byte_size == row.data_mib * MiB
+    assert (parts[1].offset, parts[1].nbytes) == (4 * MiB, row.boot_mib * MiB)
+    assert parts[2].nbytes == parts[3].nbytes == row.root_mib * MiB
+    assert parts[6].nbytes == row.data_mib * MiB
     assert all(part.offset % (4 * MiB) == 0 for part in parts.values())
     for number, label in RESINOS_LABELS.items():
         assert _label(image, number) == label
@@ -218,7 +218,7 @@ def test_flasher_has_the_row_shape_units_and_stage2_tools(row: Release, tmp_path
     parts = sfdisk_partitions(image)
     assert sorted(parts) == [1, 2, 3, 4, 5, 6]
     # as in REFERENCE's parted listing
-    assert (parts[1].offset, parts[1].byte_size) == (8192 * 512, row.boot_mib * MiB)
+    assert (parts[1].offset, parts[1].nbytes) == (8192 * 512, row.boot_mib * MiB)
     for number, label in FLASHER_LABELS.items():
         assert _label(image, number) == label
     assert _fat_read(image, 1, f"/{row.flag_file}") == b"DO NOT REMOVE THIS FILE\n"
