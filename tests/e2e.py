@@ -356,11 +356,11 @@ def prepare_disk(spec: LegacySpec, bundle: Path, workdir: Path,
     return disk
 
 
-def ended(result: BootResult) -> str:
-    """How the boot ended, in words, for a progress line."""
-    return {"poweroff": "the guest powered off", "timeout": "timed out",
-            "marker": "the awaited line arrived", "cut": "the power was cut"
-            }.get(result.reason, result.reason)
+def ended(result: BootResult, awaited: str) -> str:
+    """How the boot ended, in words, for a progress line; awaited: what its until marker
+    means."""
+    return {"poweroff": "the guest powered off", "timeout": "timed out", "marker": awaited,
+            "cut": "the power was cut"}.get(result.reason, result.reason)
 
 
 class Steps:
@@ -377,9 +377,10 @@ class Steps:
         self.name, self.started = name, time.monotonic()
         self.say(f"{name}{f' ({detail})' if detail else ''} ...")
 
-    def end(self) -> None:
+    def end(self, outcome: str = "") -> None:
         if self.name:
-            self.say(f"{self.name}: done in {time.monotonic() - self.started:.0f} s")
+            self.say(f"{self.name}: done in {time.monotonic() - self.started:.0f} s"
+                     f"{f' ({outcome})' if outcome else ''}")
             self.name = ""
 
 
@@ -434,7 +435,7 @@ def migrate(spec: LegacySpec, workdir: Path, timeout: float = 1800,
                                                old_tools=old_tools),
                   timeout=timeout, until="RESINOS-REPORT end", log_dir=workdir,
                   on_line=PhasePrinter(say) if progress else None)
-    say(f"the VM stopped after {result.seconds:.0f} s: {ended(result)}")
+    steps.end(ended(result, "resinOS reported"))
     steps.start("checking the disk")
     times = milestone_times(result)
     if old_tools and "stage 1" in times:
@@ -757,7 +758,7 @@ def fallback(spec: LegacySpec, workdir: Path, timeout: float = 1800,
 
     result = boot(disk, autorun=FALLBACK_SCRIPT, timeout=timeout, until="E2E done",
                   log_dir=workdir, on_line=script_line if progress else None)
-    say(f"the VM stopped after {result.seconds:.0f} s: {ended(result)}")
+    steps.end(ended(result, "the guest's script finished"))
     steps.start("checking what the guest said")
     script = result.serial1_text
     console = result.serial0_text

@@ -11,12 +11,12 @@ def test_steps_say_each_start_and_end_once() -> None:
     steps = Steps(said.append)
     steps.start("building the bundle", "the 6.10 flasher")
     steps.start("preparing the disk")
-    steps.end()
+    steps.end("resinOS reported")
     steps.end()
     assert said == ["building the bundle (the 6.10 flasher) ...",
                     "building the bundle: done in 0 s",
                     "preparing the disk ...",
-                    "preparing the disk: done in 0 s"]
+                    "preparing the disk: done in 0 s (resinOS reported)"]
 
 
 def test_boot_phases_are_said_as_their_markers_arrive() -> None:
