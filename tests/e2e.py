@@ -378,9 +378,11 @@ class Steps:
         self.say(f"{name}{f' ({detail})' if detail else ''} ...")
 
     def end(self, outcome: str = "") -> None:
+        """Says the step's end: "done in N s", or outcome: "timed out after N s"."""
         if self.name:
-            self.say(f"{self.name}: done in {time.monotonic() - self.started:.0f} s"
-                     f"{f' ({outcome})' if outcome else ''}")
+            seconds = time.monotonic() - self.started
+            self.say(f"{self.name}: {outcome} after {seconds:.0f} s" if outcome else
+                     f"{self.name}: done in {seconds:.0f} s")
             self.name = ""
 
 

@@ -27,8 +27,10 @@ swap area), c's table, fstab and root must show no trace of stage 1 or of the bu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -273,12 +275,24 @@ def _play(inventory: Path, workdir: Path, say: Callable[[str], None]) -> tuple[i
     extra = json.dumps({"resin_migrate_serial": SERIAL,
                         "resin_migrate_max_fail_percentage": MAX_FAIL_PERCENTAGE})
     started = time.monotonic()
-    with open(workdir / "ansible.log", "w") as log, subprocess.Popen(
-            [str(ansible), "-i", str(inventory), str(PLAYBOOK), "-e", extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-            text=True, encoding="utf-8", errors="replace") as proc:
+    timed_out = threading.Event()
+    # its own session, so that the watchdog ends the workers too (they hold the pipe open)
+    with open(workdir / "ansible.log", "w", buffering=1, encoding="utf-8") as log, \
+            subprocess.Popen([str(ansible), "-i", str(inventory), str(PLAYBOOK), "-e", extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                             cwd=workdir, text=True, encoding="utf-8", errors="replace",
+                             start_new_session=True) as proc:
+
+        def kill() -> None:
+            with contextlib.suppress(ProcessLookupError):     # it has ended by itself
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        def time_out() -> None:
+            timed_out.set()
+            kill()
+
         # the play's own timeouts end it; this one ends a play that hangs all the same
-        watchdog = threading.Timer(PLAY_TIMEOUT, proc.kill)
+        watchdog = threading.Timer(PLAY_TIMEOUT, time_out)
         watchdog.start()
         try:
             for line in proc.stdout or ():
@@ -286,9 +300,16 @@ def _play(inventory: Path, workdir: Path, say: Callable[[str], None]) -> tuple[i
                 if line.startswith(("PLAY [", "TASK [")):     # their ends are rows of *
                     header = line.rstrip(" *\n")
                     say(f"{time.monotonic() - started:4.0f} s  {header}")
+        except BaseException:       # Ctrl-C does not reach a session of its own
+            kill()
+            raise
         finally:
             watchdog.cancel()
-    return proc.returncode, (workdir / "ansible.log").read_text(), time.monotonic() - started
+    output = (workdir / "ansible.log").read_text()
+    if timed_out.is_set():
+        raise E2EError("playbook", f"ansible-playbook did not end in {PLAY_TIMEOUT} s; killed "
+                       f"it:\n{output[-6000:]}", None)
+    return proc.returncode, output, time.monotonic() - started
 
 
 def _stop(machines: list[Machine], key: Path) -> None:

@@ -218,6 +218,12 @@ def test_a_malformed_mac_is_refused_by_name_not_written() -> None:
     well_formed = text.replace("00:11:22:33:44", "00:11:22:33:44:5a")
     plan = detect(lambda path: well_formed if path == ifupdown.INTERFACES else None, None)
     assert not plan.refusal and "mac-address=00:11:22:33:44:5A" in "".join(plan.texts().values())
+    # on DHCP ethernet resinOS's own default still reaches the device: no refusal
+    dhcp = "auto eth0\niface eth0 inet dhcp\n hwaddress ether 00:11:22:33:44\n"
+    plan = detect(lambda path: dhcp if path == ifupdown.INTERFACES else None, None)
+    said = "\n".join(plan.lines())
+    assert not plan.refusal and not plan.texts(), said
+    assert "not six hex bytes" in said and "default DHCP on ethernet covers it" in said
 
 
 def _preflight_root(tmp_path: Path, case: str) -> Path:

@@ -8,13 +8,15 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.imaging import SECTOR, Part
+from tests.imaging import SECTOR, Part, base_env
 
 
 def sh(*argv: object, check: bool = True,
        input: bytes | None = None) -> subprocess.CompletedProcess:
+    """argv's result, captured; sbin on PATH (sfdisk, blkid, debugfs live there) for a user
+    whose PATH lacks it."""
     return subprocess.run([str(arg) for arg in argv], capture_output=True, check=check,
-                          input=input)
+                          input=input, env={**os.environ, "PATH": base_env()["PATH"]})
 
 
 def sha256(path: Path) -> str:
@@ -63,8 +65,8 @@ def sfdisk_json(path: Path | str) -> dict:
 
 
 def sfdisk_partitions(path: Path | str) -> dict[int, Part]:
-    """Number -> partition of a file's or a device's msdos table, read by sfdisk --json
-    (which names partition N of X "XN", or "XpN" when X ends in a digit)."""
+    """Number -> partition of a file's or a device's table (msdos or GPT), read by sfdisk
+    --json (which names partition N of X "XN", or "XpN" when X ends in a digit)."""
     table = sfdisk_json(path)
     if int(table.get("sectorsize", SECTOR)) != SECTOR:
         raise ValueError(f"{path}: sectors of {table['sectorsize']} bytes, not {SECTOR}")

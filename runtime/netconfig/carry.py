@@ -304,19 +304,18 @@ def _match_link(connection, links, have_live):
         elif not connection.mac:
             connection.mac = found.mac
             connection.mac_source = "live state (ip link, /sys/class/net)"
-    if connection.mac and not MAC_PATTERN.match(connection.mac):
+    if connection.mac and not MAC_PATTERN.fullmatch(connection.mac):
         # NetworkManager would refuse the keyfile, and the device would come up without it
         connection.unsupported = (
-            "the MAC address {} configured for {} in {} is not six hex bytes "
-            "(aa:bb:cc:dd:ee:ff)".format(connection.mac, connection.interface or "the interface",
-                                         connection.mac_source or connection.source))
-        return
-    if not connection.mac:
+            "the MAC address {} configured for {} is not six hex bytes "
+            "(aa:bb:cc:dd:ee:ff)".format(connection.mac, connection.interface or "the interface"))
+    elif not connection.mac:
         connection.unsupported = (
             "the MAC address of {} is unknown (not in the configuration{})".format(
                 connection.interface or "the interface",
                 ", and no such interface is up" if have_live else
                 "; the live state is not read with --sysroot"))
+    if connection.unsupported:
         if connection.kind == ETHERNET and connection.method == "auto":
             connection.default_covers = True
             connection.unsupported += "; resinOS's default DHCP on ethernet covers it"
