@@ -315,10 +315,9 @@ def _match_link(connection, links, have_live):
                 connection.interface or "the interface",
                 ", and no such interface is up" if have_live else
                 "; the live state is not read with --sysroot"))
-    if connection.unsupported:
-        if connection.kind == ETHERNET and connection.method == "auto":
-            connection.default_covers = True
-            connection.unsupported += "; resinOS's default DHCP on ethernet covers it"
+    if connection.unsupported and connection.kind == ETHERNET and connection.method == "auto":
+        connection.default_covers = True
+        connection.unsupported += "; resinOS's default DHCP on ethernet covers it"
 
 
 def _deduplicate(plan, links):
