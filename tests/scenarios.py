@@ -44,14 +44,12 @@ def say_as(prefix: str) -> Say:
     return say
 
 
-def _primary(work: Path, say: Say) -> str:
-    migrated = migrate(LegacySpec(placement=SwapPlacement.PRIMARY), work, progress=say)
-    return f"migrated (the bundle build included)\n{migrated.summary()}"
-
-
-def _logical(work: Path, say: Say) -> str:
-    migrated = migrate(LegacySpec(placement=SwapPlacement.LOGICAL), work, progress=say)
-    return f"migrated (the bundle build included)\n{migrated.summary()}"
+def _swap_as(placement: SwapPlacement) -> Callable[[Path, Say], str]:
+    """The plain migration of a legacy disk whose swap is placed so."""
+    def scenario(work: Path, say: Say) -> str:
+        migrated = migrate(LegacySpec(placement=placement), work, progress=say)
+        return f"migrated (the bundle build included)\n{migrated.summary()}"
+    return scenario
 
 
 def _fallback(work: Path, say: Say) -> str:
@@ -90,8 +88,9 @@ def _fleet(work: Path, say: Say) -> str:
 
 #: name -> the scenario: it returns what it showed, or raises E2EError naming the phase.
 SCENARIOS: dict[str, Callable[[Path, Say], str]] = {
-    "primary": _primary, "logical": _logical, "fallback": _fallback, "static": _static,
-    "older": _older, "oldtools": _oldtools, "fleet": _fleet,
+    "primary": _swap_as(SwapPlacement.PRIMARY), "logical": _swap_as(SwapPlacement.LOGICAL),
+    "fallback": _fallback, "static": _static, "older": _older, "oldtools": _oldtools,
+    "fleet": _fleet,
 }
 
 
